@@ -1,0 +1,248 @@
+"""The job config: one pydantic model per component, composed into ``JobConfig``.
+
+Loaded once at the entry point from YAML plus dotted ``key=value`` overrides; each
+stage receives only its own section. Unknown keys are errors. Importing this module
+loads no torch, vllm, deepspeed or ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ABSTENTION_TEXT = "I don't know the answer."
+PAPER_TAU_GRID = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25]
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line naming the key and the bad value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://...'); None starts a local one."
+    )
+    num_cpus: int | None = Field(2, ge=1, description="CPUs of the local cluster (ignored when joining).")
+    namespace: str = Field("se-ray", description="Namespace of named actors (shared engines).")
+
+
+class StorageConfig(_Section):
+    s3_endpoint_override: str | None = Field(None, description="S3-compatible endpoint (e.g. http://host:port).")
+    s3_region: str | None = None
+    s3_scheme: str | None = Field(None, description="'http' for a local S3 server.")
+
+
+class DataConfig(_Section):
+    format: Literal["auto", "jsonl", "parquet", "hf", "nq_open", "svamp"] = Field(
+        "auto", description="Input format; auto picks by file name/extension."
+    )
+    limit: int | None = Field(None, ge=1, description="Keep the first N valid questions.")
+    hf_split: str = Field("validation", description="Split of a Hugging Face dataset input.")
+    question_field: str = "question"
+    id_field: str = "id"
+    references_field: str = "references"
+    context_field: str = "context"
+
+
+class SamplingConfig(_Section):
+    model: str = Field("builtin:smollm2-135m-instruct", description="Folder, hub id or builtin:<name>.")
+    num_samples: int = Field(10, ge=1, description="M high-temperature answers per question.")
+    temperature: float = Field(1.0, gt=0)
+    standard_temperature: float = Field(0.1, gt=0, description="Temperature of the standard answer.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="-1 disables top-k.")
+    max_tokens: int = Field(32, ge=1)
+    answer_style: Literal["short", "sentence"] = "short"
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
+    seed: int = 0
+    batch_size: int = Field(16, ge=1, description="Questions per engine call.")
+    num_engines: int = Field(1, ge=1, description="vLLM engine actors (one per GPU or TP group).")
+    num_cpus_per_engine: float = Field(1.0, ge=0)
+    num_gpus_per_engine: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: str = "auto"
+    max_model_len: int = Field(1024, ge=16)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only; CPU uses kv_cache_space_gb.")
+    kv_cache_space_gb: float = Field(2.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    enable_lora: bool = False
+    max_lora_rank: int = Field(8, ge=1)
+    early_stop: bool = Field(False, description="Sample in rounds; stop once the label at tau is fixed.")
+    early_stop_round: int = Field(4, ge=1, description="Samples per round with early_stop.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM arguments.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment of the engine actors.")
+
+
+class EntailmentConfig(_Section):
+    judge: Literal["embedding", "nli", "llm"] = "embedding"
+    model: str = Field(
+        "builtin:all-minilm-l6-v2",
+        description="Embedding or NLI model; for judge=llm, None-like '' means the sampling model.",
+    )
+    similarity_threshold: float = Field(0.85, ge=-1, le=1, description="Embedding judge: cosine to entail.")
+    condition_on_question: bool = True
+    strict: bool = Field(True, description="Both directions must entail (the paper); lax otherwise.")
+    batch_size: int = Field(16, ge=1, description="Questions per stage call.")
+    model_batch_size: int = Field(64, ge=1, description="Texts or pairs per model forward.")
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    device: str = Field("auto", description="torch device for the NLI/embedding model.")
+    llm_max_tokens: int = Field(30, ge=1)
+    llm_temperature: float = Field(0.02, gt=0)
+
+
+class LabelingConfig(_Section):
+    method: Literal["semantic_entropy", "regular_semantic_entropy", "exact_entropy", "r_tuning"] = Field(
+        "semantic_entropy", description="Which score decides abstention (r_tuning: the judge on references)."
+    )
+    tau: float = Field(1.0, ge=0, description="Abstain when the score is > tau.")
+    abstention_text: str = Field(ABSTENTION_TEXT, min_length=1)
+    write_batch_size: int = Field(16, ge=1, description="Rows per committed Parquet part.")
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, ge=0)
+    zero_stage: Literal[2, 3] = 2
+    method: Literal["lora", "full"] = "lora"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    learning_rate: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    global_batch_size: int = Field(48, ge=1)
+    micro_batch_size: int = Field(4, ge=1, description="Per worker per step.")
+    epochs: int = Field(7, ge=1)
+    warmup_ratio: float = Field(0.2, ge=0, lt=1, description="The paper's 'cosine with a cycle of 0.2'.")
+    max_length: int = Field(256, ge=8)
+    gradient_clipping: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
+    shuffle_buffer: int = Field(
+        0, ge=0, description="Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps stream order."
+    )
+    seed: int = 0
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    num_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0)
+    export_merged: bool = True
+
+
+class EvalConfig(_Section):
+    judge: Literal["f1", "exact", "llm"] = "f1"
+    f1_threshold: float = Field(0.5, ge=0, le=1)
+    judge_model: str = Field("", description="LLM judge model; '' means the sampling model.")
+    bootstrap_samples: int = Field(1000, ge=0)
+    max_tokens: int | None = Field(None, ge=1, description="Defaults to sampling.max_tokens.")
+
+
+class SplitConfig(_Section):
+    train: int = Field(48, ge=1)
+    validation: int = Field(16, ge=1)
+    test: int = Field(32, ge=0)
+    seed: int = 0
+    ood_input: str | None = Field(None, description="Out-of-distribution evaluation file.")
+    ood_limit: int | None = Field(None, ge=1)
+
+
+class SweepConfig(_Section):
+    taus: list[float] = Field(default_factory=lambda: list(PAPER_TAU_GRID))
+    seeds: int = Field(1, ge=1, description="Retrain the chosen tau with this many seeds.")
+    methods: list[Literal["semantic_entropy", "r_tuning", "exact_entropy"]] = Field(
+        default_factory=lambda: ["semantic_entropy", "r_tuning", "exact_entropy"]
+    )
+
+
+class JobConfig(_Section):
+    input: str | None = Field(None, description="Questions file or dataset (CLI --input overrides).")
+    output: str | None = Field(None, description="Output folder or URI (CLI --output overrides).")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    entailment: EntailmentConfig = Field(default_factory=EntailmentConfig)
+    labeling: LabelingConfig = Field(default_factory=LabelingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        if self.train.global_batch_size % (self.train.micro_batch_size * self.train.num_workers):
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size*train.num_workers="
+                f"{self.train.micro_batch_size * self.train.num_workers}"
+            )
+        if self.sampling.early_stop and self.labeling.method != "semantic_entropy":
+            raise ValueError("sampling.early_stop=true needs labeling.method=semantic_entropy")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        return f"config key {key}: unknown key"
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"config key {key}: {first['msg']}{shown}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """YAML file (or the built-in CPU quickstart defaults) plus dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return validate_config(tree)
+
+
+def validate_config(tree: dict[str, Any]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None

