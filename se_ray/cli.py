@@ -16,14 +16,19 @@ logger = logging.getLogger("se_ray")
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML job config (default: the built-in CPU quickstart)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a dotted config key, e.g. --set sampling.num_samples=5 (repeatable)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="se-ray", description="Fine-tune LLMs to abstain where semantic entropy says they would hallucinate."
+        prog="se-ray",
+        description="Fine-tune LLMs to abstain where semantic entropy says they would hallucinate.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -64,8 +69,9 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> dict[str, Any]:
     if args.verb == "label":
         from se_ray.label import label_job
 
-        return label_job(cfg, _require(args.input or cfg.input, "--input"),
-                         _require(args.output or cfg.output, "--output"))
+        return label_job(
+            cfg, _require(args.input or cfg.input, "--input"), _require(args.output or cfg.output, "--output")
+        )
     if args.verb == "train":
         from se_ray.train import train_job
 
@@ -77,8 +83,11 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> dict[str, Any]:
     if args.verb == "run":
         from se_ray.run import run_job
 
-        return run_job(cfg, input=_require(args.input or cfg.input, "--input"),
-                       output=_require(args.output or cfg.output, "--output"))
+        return run_job(
+            cfg,
+            input=_require(args.input or cfg.input, "--input"),
+            output=_require(args.output or cfg.output, "--output"),
+        )
     raise AssertionError(args.verb)
 
 
@@ -86,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     from se_ray.data import InputError
     from se_ray.models import ModelNotFoundError

@@ -34,7 +34,9 @@ class RayConfig(_Section):
 
 
 class StorageConfig(_Section):
-    s3_endpoint_override: str | None = Field(None, description="S3-compatible endpoint (e.g. http://host:port).")
+    s3_endpoint_override: str | None = Field(
+        None, description="S3-compatible endpoint (e.g. http://host:port)."
+    )
     s3_region: str | None = None
     s3_scheme: str | None = Field(None, description="'http' for a local S3 server.")
 
@@ -67,9 +69,16 @@ class SamplingConfig(_Section):
     num_cpus_per_engine: float = Field(1.0, ge=0)
     num_gpus_per_engine: float = Field(0.0, ge=0)
     tensor_parallel_size: int = Field(1, ge=1)
-    dtype: str = "auto"
+    dtype: str = Field("auto", description="auto: bf16 on GPU and on CPUs with bf16 units, else float32.")
+    enforce_eager: bool = Field(
+        True,
+        description="Skip torch.compile: on CPU it costs minutes per engine start (its cache does "
+        "not reload in vLLM 0.32); set false on GPU clusters for CUDA graphs.",
+    )
     max_model_len: int = Field(1024, ge=16)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only; CPU uses kv_cache_space_gb.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="GPU only; CPU uses kv_cache_space_gb."
+    )
     kv_cache_space_gb: float = Field(2.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE).")
     enable_lora: bool = False
     max_lora_rank: int = Field(8, ge=1)
@@ -126,7 +135,9 @@ class TrainConfig(_Section):
     max_length: int = Field(256, ge=8)
     gradient_clipping: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
     shuffle_buffer: int = Field(
-        0, ge=0, description="Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps stream order."
+        0,
+        ge=0,
+        description="Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps stream order.",
     )
     seed: int = 0
     checkpoint_every_steps: int | None = Field(None, ge=1)

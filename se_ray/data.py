@@ -178,9 +178,7 @@ def _validate(row: dict[str, Any]) -> str | None:
     return None
 
 
-def validate_records(
-    records: Iterable[RawRecord], source: str, fmt: str, cfg: DataConfig
-) -> LoadedQuestions:
+def validate_records(records: Iterable[RawRecord], source: str, fmt: str, cfg: DataConfig) -> LoadedQuestions:
     out = LoadedQuestions(rows=[], source=source)
     seen: set[str] = set()
     for lineno, record, raw in records:
@@ -190,7 +188,12 @@ def validate_records(
             continue
         if not isinstance(record, dict):
             out.rejects.append(
-                {**where, "id": None, "reason": f"row is a {type(record).__name__}, not an object", "raw": raw}
+                {
+                    **where,
+                    "id": None,
+                    "reason": f"row is a {type(record).__name__}, not an object",
+                    "raw": raw,
+                }
             )
             continue
         row = _adapt(record, fmt, cfg)

@@ -23,9 +23,40 @@ logger = logging.getLogger(__name__)
 
 # Settings that change the engine itself; per-request ones (temperature, n, ...) do not.
 _ENGINE_FIELDS = (
-    "model", "dtype", "max_model_len", "tensor_parallel_size", "seed", "enable_lora", "max_lora_rank",
-    "gpu_memory_utilization", "kv_cache_space_gb", "engine_kwargs", "num_gpus_per_engine", "env",
+    "model",
+    "dtype",
+    "enforce_eager",
+    "max_model_len",
+    "tensor_parallel_size",
+    "seed",
+    "enable_lora",
+    "max_lora_rank",
+    "gpu_memory_utilization",
+    "kv_cache_space_gb",
+    "engine_kwargs",
+    "num_gpus_per_engine",
+    "env",
 )
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str) -> str:
+    """bf16 on a CPU without bf16 units (AVX2 only) is emulated and ~6x slower than float32."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available() or cpu_has_bf16():
+        return "auto"
+    return "float32"
 
 
 def engine_digest(cfg: SamplingConfig) -> str:
@@ -64,7 +95,8 @@ class LLMEngineActor:
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
             seed=cfg.seed,  # per-request seeds fail on the CPU build: seed the engine
-            dtype=cfg.dtype,
+            dtype=resolve_dtype(cfg.dtype),
+            enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -202,6 +234,8 @@ def acquire_engines(cfg: SamplingConfig, ray_cfg: RayConfig, detached: bool = Fa
         raise
     logger.info(
         "%d vLLM engine(s) ready after %.1f s (engine start %s s)",
-        len(handles), time.perf_counter() - started, ", ".join(f"{i['start_s']:.1f}" for i in infos),
+        len(handles),
+        time.perf_counter() - started,
+        ", ".join(f"{i['start_s']:.1f}" for i in infos),
     )
     return pool

@@ -150,7 +150,10 @@ class NLIJudge:
             enc = self.tokenizer(
                 [_conditioned(q.question, q.premise, on_q) for q in chunk],
                 [_conditioned(q.question, q.hypothesis, on_q) for q in chunk],
-                padding=True, truncation=True, max_length=512, return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=512,
+                return_tensors="pt",
             )
             enc = {k: v.to(self.device) for k, v in enc.items()}
             with self.torch.inference_mode():
@@ -202,8 +205,14 @@ class LLMJudge:
         if not queries:
             return []
         conversations = [
-            [{"role": "user", "content": LLM_ENTAILMENT_PROMPT.format(
-                question=q.question, text1=q.premise, text2=q.hypothesis)}]
+            [
+                {
+                    "role": "user",
+                    "content": LLM_ENTAILMENT_PROMPT.format(
+                        question=q.question, text1=q.premise, text2=q.hypothesis
+                    ),
+                }
+            ]
             for q in queries
         ]
         params = [dict(n=1, temperature=self.cfg.llm_temperature, max_tokens=self.cfg.llm_max_tokens)]
@@ -294,16 +303,23 @@ class EntropyStage:
         if isinstance(self.judge, EmbeddingJudge):
             self.judge.reset_cache()
         f64 = pa.float64()
-        return with_columns(batch, {
-            col.CLUSTER_IDS: (clusters, pa.list_(pa.int64())),
-            col.SEMANTIC_ENTROPY: ([entropy.discrete_semantic_entropy(c) for c in clusters], f64),
-            col.REGULAR_SEMANTIC_ENTROPY: (
-                [entropy.regular_semantic_entropy(c, lp) for c, lp in zip(clusters, logprobs, strict=True)], f64
-            ),
-            col.EXACT_ENTROPY: ([entropy.exact_entropy(s) for s in samples], f64),
-            # The batch's model calls spread over its questions (calls are batched across them).
-            col.ENTAILMENT_CALLS: ([calls / len(questions)] * len(questions), f64),
-        })
+        return with_columns(
+            batch,
+            {
+                col.CLUSTER_IDS: (clusters, pa.list_(pa.int64())),
+                col.SEMANTIC_ENTROPY: ([entropy.discrete_semantic_entropy(c) for c in clusters], f64),
+                col.REGULAR_SEMANTIC_ENTROPY: (
+                    [
+                        entropy.regular_semantic_entropy(c, lp)
+                        for c, lp in zip(clusters, logprobs, strict=True)
+                    ],
+                    f64,
+                ),
+                col.EXACT_ENTROPY: ([entropy.exact_entropy(s) for s in samples], f64),
+                # The batch's model calls spread over its questions (calls are batched across them).
+                col.ENTAILMENT_CALLS: ([calls / len(questions)] * len(questions), f64),
+            },
+        )
 
 
 def add_entropy_stage(ds, cfg: EntailmentConfig, engines: EnginePool | None = None):

@@ -50,14 +50,25 @@ def label_schema():
     floats, ints, strings = pa.list_(pa.float64()), pa.list_(pa.int64()), pa.list_(pa.string())
     return pa.schema(
         [
-            (col.ID, pa.string()), (col.QUESTION, pa.string()), (col.REFERENCES, strings),
-            (col.CONTEXT, pa.string()), (col.SAMPLES, strings), (col.SAMPLE_LOGPROBS, floats),
-            (col.SAMPLE_LOGPROB_SUMS, floats), (col.SAMPLE_TOKEN_COUNTS, ints),
-            (col.STANDARD_ANSWER, pa.string()), (col.STANDARD_LOGPROB, pa.float64()),
-            (col.NUM_GENERATED, pa.int64()), (col.CLUSTER_IDS, ints),
-            (col.SEMANTIC_ENTROPY, pa.float64()), (col.REGULAR_SEMANTIC_ENTROPY, pa.float64()),
-            (col.EXACT_ENTROPY, pa.float64()), (col.ENTAILMENT_CALLS, pa.float64()),
-            (col.TAU, pa.float64()), (col.ABSTAIN, pa.bool_()), (col.TARGET, pa.string()),
+            (col.ID, pa.string()),
+            (col.QUESTION, pa.string()),
+            (col.REFERENCES, strings),
+            (col.CONTEXT, pa.string()),
+            (col.SAMPLES, strings),
+            (col.SAMPLE_LOGPROBS, floats),
+            (col.SAMPLE_LOGPROB_SUMS, floats),
+            (col.SAMPLE_TOKEN_COUNTS, ints),
+            (col.STANDARD_ANSWER, pa.string()),
+            (col.STANDARD_LOGPROB, pa.float64()),
+            (col.NUM_GENERATED, pa.int64()),
+            (col.CLUSTER_IDS, ints),
+            (col.SEMANTIC_ENTROPY, pa.float64()),
+            (col.REGULAR_SEMANTIC_ENTROPY, pa.float64()),
+            (col.EXACT_ENTROPY, pa.float64()),
+            (col.ENTAILMENT_CALLS, pa.float64()),
+            (col.TAU, pa.float64()),
+            (col.ABSTAIN, pa.bool_()),
+            (col.TARGET, pa.string()),
             (col.LABEL_METHOD, pa.string()),
         ]
     )
@@ -78,12 +89,15 @@ def apply_labels(batch: pa.Table, cfg: LabelingConfig) -> pa.Table:
     scores = batch.column(SCORE_COLUMNS[cfg.method]).to_pylist()
     abstain, targets = label_targets(scores, batch.column(col.STANDARD_ANSWER).to_pylist(), cfg)
     n = len(scores)
-    return with_columns(batch, {
-        col.TAU: ([cfg.tau] * n, pa.float64()),
-        col.ABSTAIN: (abstain, pa.bool_()),
-        col.TARGET: (targets, pa.string()),
-        col.LABEL_METHOD: ([cfg.method] * n, pa.string()),
-    })
+    return with_columns(
+        batch,
+        {
+            col.TAU: ([cfg.tau] * n, pa.float64()),
+            col.ABSTAIN: (abstain, pa.bool_()),
+            col.TARGET: (targets, pa.string()),
+            col.LABEL_METHOD: ([cfg.method] * n, pa.string()),
+        },
+    )
 
 
 def part_name(ids: list[str]) -> str:
@@ -142,7 +156,10 @@ def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], fs, labels_path: s
         ds = add_sample_stage(ds, cfg.sampling, engines)
         ds = add_entropy_stage(ds, cfg.entailment, judge_engines)
         ds = ds.map_batches(
-            apply_labels, fn_kwargs={"cfg": cfg.labeling}, batch_format="pyarrow", num_cpus=0.1,
+            apply_labels,
+            fn_kwargs={"cfg": cfg.labeling},
+            batch_format="pyarrow",
+            num_cpus=0.1,
             batch_size=None,
         )
         done, calls, started = 0, 0.0, time.perf_counter()
@@ -157,7 +174,10 @@ def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], fs, labels_path: s
             first_row_s = first_row_s or elapsed
             logger.info(
                 "labeled %d/%d questions (%.2f q/s, %d abstain in this part)",
-                done, len(todo), done / elapsed, sum(part.column(col.ABSTAIN).to_pylist()),
+                done,
+                len(todo),
+                done / elapsed,
+                sum(part.column(col.ABSTAIN).to_pylist()),
             )
     finally:
         for pool in pools:
@@ -184,7 +204,9 @@ def label_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
     done_before = finished_ids(fs, labels_path)
     todo = [r for r in loaded.rows if r[col.ID] not in done_before]
     logger.info(
-        "%d questions: %d already labeled, %d to label", len(loaded.rows), len(loaded.rows) - len(todo),
+        "%d questions: %d already labeled, %d to label",
+        len(loaded.rows),
+        len(loaded.rows) - len(todo),
         len(todo),
     )
     stats: dict[str, Any] = {}
@@ -194,7 +216,8 @@ def label_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
     wanted = {r[col.ID] for r in loaded.rows}
     ids = labels.column(col.ID).to_pylist() if labels is not None else []
     abstained = sum(
-        a for i, a in zip(ids, labels.column(col.ABSTAIN).to_pylist() if labels else [], strict=True)
+        a
+        for i, a in zip(ids, labels.column(col.ABSTAIN).to_pylist() if labels else [], strict=True)
         if i in wanted
     )
     wall = time.perf_counter() - started

@@ -71,7 +71,9 @@ class SampleStage:
         require_columns(batch, "sample", (col.QUESTION,))
         questions = batch.column(col.QUESTION).to_pylist()
         contexts = (
-            batch.column(col.CONTEXT).to_pylist() if col.CONTEXT in batch.column_names else [None] * len(questions)
+            batch.column(col.CONTEXT).to_pylist()
+            if col.CONTEXT in batch.column_names
+            else [None] * len(questions)
         )
         conversations = [
             question_messages(q, self.cfg.answer_style, c) for q, c in zip(questions, contexts, strict=True)
@@ -83,15 +85,18 @@ class SampleStage:
         results = ray.get(self._engine().chat.remote(conversations + conversations, params))
         high, standard = results[: len(questions)], results[len(questions) :]
         floats, ints, strings = pa.list_(pa.float64()), pa.list_(pa.int64()), pa.list_(pa.string())
-        return with_columns(batch, {
-            col.SAMPLES: ([[c.text for c in cs] for cs in high], strings),
-            col.SAMPLE_LOGPROBS: ([[c.mean_logprob for c in cs] for cs in high], floats),
-            col.SAMPLE_LOGPROB_SUMS: ([[c.logprob_sum for c in cs] for cs in high], floats),
-            col.SAMPLE_TOKEN_COUNTS: ([[c.num_tokens for c in cs] for cs in high], ints),
-            col.STANDARD_ANSWER: ([cs[0].text for cs in standard], pa.string()),
-            col.STANDARD_LOGPROB: ([cs[0].mean_logprob for cs in standard], pa.float64()),
-            col.NUM_GENERATED: ([len(cs) + 1 for cs in high], pa.int64()),
-        })
+        return with_columns(
+            batch,
+            {
+                col.SAMPLES: ([[c.text for c in cs] for cs in high], strings),
+                col.SAMPLE_LOGPROBS: ([[c.mean_logprob for c in cs] for cs in high], floats),
+                col.SAMPLE_LOGPROB_SUMS: ([[c.logprob_sum for c in cs] for cs in high], floats),
+                col.SAMPLE_TOKEN_COUNTS: ([[c.num_tokens for c in cs] for cs in high], ints),
+                col.STANDARD_ANSWER: ([cs[0].text for cs in standard], pa.string()),
+                col.STANDARD_LOGPROB: ([cs[0].mean_logprob for cs in standard], pa.float64()),
+                col.NUM_GENERATED: ([len(cs) + 1 for cs in high], pa.int64()),
+            },
+        )
 
 
 def add_sample_stage(ds, cfg: SamplingConfig, engines: EnginePool):

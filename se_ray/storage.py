@@ -95,7 +95,9 @@ def list_parquet(fs: pafs.FileSystem, folder: str) -> list[str]:
     )
 
 
-def read_parquet_folder(fs: pafs.FileSystem, folder: str, columns: list[str] | None = None) -> pa.Table | None:
+def read_parquet_folder(
+    fs: pafs.FileSystem, folder: str, columns: list[str] | None = None
+) -> pa.Table | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

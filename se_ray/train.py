@@ -440,6 +440,7 @@ def _log_to_console() -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What each Ray Train worker runs; ``config`` = {"job": JobConfig dump, "rows": int}."""
+    loop_start = time.perf_counter()
     job = JobConfig.model_validate(config["job"])
     cfg = job.train
     # DeepSpeed picks its accelerator at first use; name it so a CPU run on a GPU host stays on CPU.
@@ -485,9 +486,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info(
-            "train: %s ZeRO-%d on %d workers, %d trainable params, %d rows, %d steps (%d/epoch, grad accum %d)%s",
+            "train: %s ZeRO-%d on %d workers, %d trainable params, %d rows, %d steps (%d/epoch, grad accum %d)%s; "
+            "set up in %.1f s",
             cfg.method, cfg.zero_stage, world, trainable, plan.rows, plan.total_steps, plan.steps_per_epoch,
             plan.grad_accum, f", resumed at step {state['step']}" if state["restored_from_step"] is not None else "",
+            time.perf_counter() - loop_start,
         )
 
     shard = ray.train.get_dataset_shard("train")
@@ -555,7 +558,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "method": cfg.method,
                     "zero_stage": cfg.zero_stage,
                 }
+                saving = time.perf_counter()
                 _save_checkpoint(engine, cfg, rank, ckpt_state, history, row, base_dtype)
+                if rank == 0:
+                    logger.info("checkpoint at step %d saved in %.1f s", step, time.perf_counter() - saving)
             else:
                 ray.train.report(row)
             window_loss, window_tokens = 0.0, 0
@@ -609,7 +615,7 @@ def _read_labels(parts: list[str], fs: Any) -> Any:
     saved = getattr(ctx, "use_datasource_v2", False)
     ctx.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(parts, filesystem=fs, ray_remote_args={"num_cpus": 0})
+        return ray.data.read_parquet(parts, filesystem=fs, num_cpus=0)
     finally:
         ctx.use_datasource_v2 = saved
 
@@ -635,12 +641,30 @@ def _ensure_ray(cfg: JobConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace)
 
 
-def _existing_run(fs: Any, run_path: str) -> bool:
+def _restore_point(fs: Any, run_path: str) -> int | None:
+    """The step of the checkpoint Ray Train V2 will restore in ``run_path``; None without a run.
+
+    V2 restores from its checkpoint-manager snapshot (the checkpoints it registered), not
+    from whatever ``checkpoint_*`` folders exist: a driver killed mid-upload can leave an
+    unregistered folder behind. The snapshot's ``latest_checkpoint_result`` names the one.
+    """
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
-    from se_ray.storage import exists
+    from se_ray.storage import exists, read_text
 
-    return exists(fs, posixpath.join(run_path, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME))
+    snapshot = posixpath.join(run_path, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    if not exists(fs, snapshot):
+        return None
+    try:
+        latest = json.loads(read_text(fs, snapshot)).get("latest_checkpoint_result") or {}
+        name = latest.get("checkpoint_dir_name")
+        if not name:
+            return 0
+        state = json.loads(read_text(fs, posixpath.join(run_path, name, STATE_DIR, STATE_FILE)))
+        return int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("cannot read the restore point of %s (%s); its step count will be unknown", run_path, e)
+        return 0
 
 
 def _assert_no_pickles(folder: Path) -> None:
@@ -726,13 +750,14 @@ def train_job(cfg: JobConfig, labels: str, output: str, resume: bool = False) ->
     out_fs, out_path = filesystem(output, cfg.storage)
     storage_path = posixpath.join(out_path, "ray_train")
     run_path = posixpath.join(storage_path, RUN_NAME)
-    if _existing_run(out_fs, run_path):
+    prior_step = _restore_point(out_fs, run_path)
+    if prior_step is not None:
         if not resume:
             raise FileExistsError(
-                f"{output} already holds a training run ({run_path}): pass resume=True (--resume) to continue it, "
-                "or choose another output"
+                f"{output} already holds a training run ({run_path}): pass resume=True (--resume) "
+                "to continue it, or choose another output"
             )
-        logger.info("resuming the run in %s from its latest checkpoint", run_path)
+        logger.info("resuming the run in %s from its checkpoint at step %d", run_path, prior_step)
     elif resume:
         logger.warning("nothing to resume in %s: starting a fresh run", run_path)
     out_fs.create_dir(out_path, recursive=True)
@@ -803,21 +828,21 @@ def train_job(cfg: JobConfig, labels: str, output: str, resume: bool = False) ->
             paths["merged"] = posixpath.join(output, "merged")
             _publish(merged, out_fs, posixpath.join(out_path, "merged"))
 
-        this_run = [h for h in history if h.get("attempt") == state["attempt"]]
-        first_attempt = [h for h in history if h.get("attempt") == history[0].get("attempt")] if history else []
-        tokens = sum(h["tokens"] for h in history)
-        busy = sum(h["step_s"] for h in history)
+        done_before = prior_step or 0
+        this_run = [h for h in history if h["step"] > done_before]
+        timed = this_run or history
+        tokens = sum(h["tokens"] for h in timed)
+        busy = sum(h["step_s"] for h in timed)
         summary = {
             "summary": True,
             "final_loss": history[-1]["loss"] if history else None,
-            "first_loss": first_attempt[0]["loss"] if first_attempt else None,
+            "first_loss": history[0]["loss"] if history else None,
             "steps": plan.total_steps,
             "epochs": plan.epochs,
             "rows": rows,
-            "steps_run": len(this_run),
+            "resumed_from_step": prior_step,
             "start_step": this_run[0]["step"] if this_run else None,
-            "resumed": bool(history) and history[0].get("attempt") != state["attempt"],
-            "tokens": tokens,
+            "steps_run": state["step"] - done_before,
             "tokens_per_s": tokens / busy if busy > 0 else None,
             "fit_s": fit_s,
             "wall_s": time.perf_counter() - started,
