@@ -152,6 +152,14 @@ class EvalConfig(_Section):
     judge_model: str = Field("", description="LLM judge model; '' means the sampling model.")
     bootstrap_samples: int = Field(1000, ge=0)
     max_tokens: int | None = Field(None, ge=1, description="Defaults to sampling.max_tokens.")
+    judge_temperature: float = Field(0.01, gt=0, description="LLM judge: first try (reference: 0.01).")
+    judge_retry_temperature: float = Field(
+        1.0, gt=0, description="LLM judge: one retry when the reply holds neither yes nor no."
+    )
+    judge_max_tokens: int = Field(10, ge=1, description="LLM judge: reply length (only its start is read).")
+    judge_tensor_parallel_size: int = Field(
+        1, ge=1, description="Tensor parallelism of a separate judge model's engine (judge_model set)."
+    )
 
 
 class SplitConfig(_Section):
@@ -168,6 +176,15 @@ class SweepConfig(_Section):
     seeds: int = Field(1, ge=1, description="Retrain the chosen tau with this many seeds.")
     methods: list[Literal["semantic_entropy", "r_tuning", "exact_entropy"]] = Field(
         default_factory=lambda: ["semantic_entropy", "r_tuning", "exact_entropy"]
+    )
+    max_concurrent_trials: int = Field(
+        1, ge=1, description="Ray Tune trials at once (each trial trains with train.num_workers workers)."
+    )
+    trial_num_cpus: float = Field(
+        0.0,
+        ge=0,
+        description="CPUs reserved by each Tune trial's own function (it launches the trainer and waits); "
+        "0 reserves none, so the trainer's workers get every CPU.",
     )
 
 

@@ -20,6 +20,7 @@ from se_ray import columns as col
 from se_ray.config import JobConfig, LabelingConfig
 from se_ray.data import LoadedQuestions, load_questions
 from se_ray.entropy import label_with_threshold
+from se_ray.models import resolve_model
 from se_ray.sample import with_columns
 from se_ray.storage import (
     filesystem,
@@ -189,9 +190,17 @@ def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], fs, labels_path: s
     }
 
 
+def check_models(cfg: JobConfig) -> None:
+    """Fail before any cluster work on a model folder that does not exist (hub ids load later)."""
+    resolve_model(cfg.sampling.model)
+    if cfg.entailment.judge != "llm" or cfg.entailment.model:
+        resolve_model(cfg.entailment.model)
+
+
 def label_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
     """Label every valid question of ``input`` into ``output/labels/``; returns the summary."""
     started = time.perf_counter()
+    check_models(cfg)
     fs, out = filesystem(output, cfg.storage)
     labels_path = join(out, LABELS_DIR)
     fs.create_dir(out, recursive=True)

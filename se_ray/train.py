@@ -109,7 +109,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """
     check_train_config(cfg, world_size)
     grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
-    zero: dict[str, Any] = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": cfg.use_gpu}
+    zero: dict[str, Any] = {
+        "stage": cfg.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": cfg.use_gpu,
+    }
     if cfg.zero_stage == 3:
         # The trainable weights are gathered explicitly for export (GatheredParameters);
         # DeepSpeed's own 16-bit consolidation on save is not needed.
@@ -180,7 +184,8 @@ def plan_steps(cfg: TrainConfig, rows: int, world_size: int) -> StepPlan:
     rows_per_worker = rows // world_size
     if rows_per_worker < 1:
         raise ConfigError(
-            f"the labels hold {rows} rows: too few for train.num_workers={world_size} (need at least one per worker)"
+            f"the labels hold {rows} rows: too few for train.num_workers={world_size} "
+            "(each worker needs at least one)"
         )
     grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
     micro = math.ceil(rows_per_worker / cfg.micro_batch_size)
@@ -232,7 +237,9 @@ def tokenize_example(
 
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token: cannot end the target")
-    prompt_ids = list(tokenizer(render_prompt(tokenizer, question, style, context), add_special_tokens=False)["input_ids"])
+    prompt_ids = list(
+        tokenizer(render_prompt(tokenizer, question, style, context), add_special_tokens=False)["input_ids"]
+    )
     target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
     if len(prompt_ids) + len(target_ids) > max_length:
         keep_prompt = min(len(prompt_ids), max(max_length - len(target_ids), max_length // 2))
@@ -353,14 +360,18 @@ def _gather_trainable(engine: Any, zero_stage: int, rank: int) -> dict[str, Any]
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
-        gather = deepspeed.zero.GatheredParameters([p], modifier_rank=None) if zero_stage == 3 else nullcontext()
+        gather = (
+            deepspeed.zero.GatheredParameters([p], modifier_rank=None) if zero_stage == 3 else nullcontext()
+        )
         with gather:
             if rank == 0:
                 state[name] = p.detach().to("cpu", copy=True).contiguous()
     return state if rank == 0 else None
 
 
-def _write_export(engine: Any, cfg: TrainConfig, state: dict[str, Any], folder: Path, base_dtype: Any) -> None:
+def _write_export(
+    engine: Any, cfg: TrainConfig, state: dict[str, Any], folder: Path, base_dtype: Any
+) -> None:
     """Rank 0: the trained weights as safetensors (peft adapter, or the full weights)."""
     folder.mkdir(parents=True, exist_ok=True)
     if cfg.method == "lora":
@@ -368,7 +379,9 @@ def _write_export(engine: Any, cfg: TrainConfig, state: dict[str, Any], folder: 
     else:
         from safetensors.torch import save_file
 
-        save_file({k: v.to(base_dtype) for k, v in state.items()}, str(folder / FULL_WEIGHTS_FILE), {"format": "pt"})
+        save_file(
+            {k: v.to(base_dtype) for k, v in state.items()}, str(folder / FULL_WEIGHTS_FILE), {"format": "pt"}
+        )
 
 
 def _save_checkpoint(
@@ -415,7 +428,9 @@ def _restore(engine: Any, cfg: TrainConfig, plan: StepPlan) -> tuple[dict[str, A
                 f"{saved.get('world_size')} workers; this run plans {plan.total_steps} on {plan.world_size}: "
                 "resume with the same labels and train settings, or start a new output"
             )
-        load_path, _ = engine.load_checkpoint(str(Path(folder) / DS_DIR), load_module_strict=cfg.method == "full")
+        load_path, _ = engine.load_checkpoint(
+            str(Path(folder) / DS_DIR), load_module_strict=cfg.method == "full"
+        )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint.path}")
         lines = (Path(folder) / STATE_DIR / METRICS_FILE).read_text().splitlines()
@@ -428,6 +443,14 @@ def _restore(engine: Any, cfg: TrainConfig, plan: StepPlan) -> tuple[dict[str, A
         "restored_from_step": saved["step"],
     }
     return state, history
+
+
+def _config_dtype(config: Any) -> Any:
+    """The torch dtype a model folder's config declares (fp32 when it declares none)."""
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _log_to_console() -> None:
@@ -450,7 +473,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from se_ray.models import resolve_model
 
@@ -464,10 +487,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model_path = resolve_model(job.sampling.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if cfg.use_gpu else torch.float32)
-    base_dtype = getattr(model.config, "dtype", None) or torch.float32
-    if isinstance(base_dtype, str):
-        base_dtype = getattr(torch, base_dtype)
+    base_dtype = _config_dtype(AutoConfig.from_pretrained(model_path))  # what the export is written in
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.bfloat16 if cfg.use_gpu else torch.float32
+    )
     model.config.use_cache = False
     if cfg.method == "lora":
         from peft import get_peft_model
@@ -486,10 +509,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info(
-            "train: %s ZeRO-%d on %d workers, %d trainable params, %d rows, %d steps (%d/epoch, grad accum %d)%s; "
-            "set up in %.1f s",
-            cfg.method, cfg.zero_stage, world, trainable, plan.rows, plan.total_steps, plan.steps_per_epoch,
-            plan.grad_accum, f", resumed at step {state['step']}" if state["restored_from_step"] is not None else "",
+            "train: %s ZeRO-%d on %d workers, %d trainable params, %d rows, "
+            "%d steps (%d/epoch, grad accum %d)%s; set up in %.1f s",
+            cfg.method,
+            cfg.zero_stage,
+            world,
+            trainable,
+            plan.rows,
+            plan.total_steps,
+            plan.steps_per_epoch,
+            plan.grad_accum,
+            f", resumed at step {state['step']}" if state["restored_from_step"] is not None else "",
             time.perf_counter() - loop_start,
         )
 
@@ -544,7 +574,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 logger.info(
                     "step %d/%d epoch %d/%d loss %.4f lr %.3g tokens/s %.0f",
-                    step, plan.total_steps, epoch + 1, cfg.epochs, row["loss"], lr, row["tokens_per_s"],
+                    step,
+                    plan.total_steps,
+                    epoch + 1,
+                    cfg.epochs,
+                    row["loss"],
+                    lr,
+                    row["tokens_per_s"],
                 )
             every = cfg.checkpoint_every_steps
             if is_last or (every and step % every == 0):
@@ -663,7 +699,9 @@ def _restore_point(fs: Any, run_path: str) -> int | None:
         state = json.loads(read_text(fs, posixpath.join(run_path, name, STATE_DIR, STATE_FILE)))
         return int(state["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        logger.warning("cannot read the restore point of %s (%s); its step count will be unknown", run_path, e)
+        logger.warning(
+            "cannot read the restore point of %s (%s); its step count will be unknown", run_path, e
+        )
         return 0
 
 
@@ -692,7 +730,9 @@ def _export_merged(cfg: TrainConfig, model_path: str, trained: Path, out: Path) 
         missing = sorted(set(params) - set(weights))
         unknown = sorted(set(weights) - set(params))
         if missing or unknown:
-            raise RuntimeError(f"trained weights do not fit the base model: missing {missing[:3]}, unknown {unknown[:3]}")
+            raise RuntimeError(
+                f"trained weights do not fit the base model: missing {missing[:3]}, unknown {unknown[:3]}"
+            )
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value.to(torch.float32))
@@ -763,7 +803,13 @@ def train_job(cfg: JobConfig, labels: str, output: str, resume: bool = False) ->
     out_fs.create_dir(out_path, recursive=True)
     logger.info(
         "train: %d labels rows from %s -> %d steps (%d epochs x %d), %s ZeRO-%d on %d workers",
-        rows, label_dir, plan.total_steps, plan.epochs, plan.steps_per_epoch, tcfg.method, tcfg.zero_stage,
+        rows,
+        label_dir,
+        plan.total_steps,
+        plan.epochs,
+        plan.steps_per_epoch,
+        tcfg.method,
+        tcfg.zero_stage,
         tcfg.num_workers,
     )
 
@@ -804,8 +850,10 @@ def train_job(cfg: JobConfig, labels: str, output: str, resume: bool = False) ->
         tmp = Path(tmp_name)
         meta = tmp / "checkpoint"
         pafs.copy_files(
-            posixpath.join(checkpoint.path, STATE_DIR), str(meta),
-            source_filesystem=checkpoint.filesystem, destination_filesystem=pafs.LocalFileSystem(),
+            posixpath.join(checkpoint.path, STATE_DIR),
+            str(meta),
+            source_filesystem=checkpoint.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
         )
         state = json.loads((meta / STATE_FILE).read_text())
         history = [json.loads(x) for x in (meta / METRICS_FILE).read_text().splitlines() if x.strip()]
@@ -864,13 +912,24 @@ def train_job(cfg: JobConfig, labels: str, output: str, resume: bool = False) ->
     for h in this_run:  # rank 0 logged these live; repeated here for driver-side logs
         logger.debug(
             "step %d/%d epoch %d loss %.4f lr %.3g tokens/s %.0f",
-            h["step"], plan.total_steps, h["epoch"], h["loss"], h["lr"], h["tokens_per_s"],
+            h["step"],
+            plan.total_steps,
+            h["epoch"],
+            h["loss"],
+            h["lr"],
+            h["tokens_per_s"],
         )
     logger.info(
-        "train done: %d steps (%d run now), %d epochs, final loss %s, %.0f tokens/s, %.1f s wall; adapter=%s merged=%s",
-        summary["steps"], summary["steps_run"], summary["epochs"],
+        "train done: %d steps (%d run now), %d epochs, final loss %s, %.0f tokens/s, %.1f s wall; "
+        "adapter=%s merged=%s",
+        summary["steps"],
+        summary["steps_run"],
+        summary["epochs"],
         f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a",
-        summary["tokens_per_s"] or 0.0, summary["wall_s"], paths["adapter"], paths["merged"],
+        summary["tokens_per_s"] or 0.0,
+        summary["wall_s"],
+        paths["adapter"],
+        paths["merged"],
     )
     return {k: v for k, v in summary.items() if k != "summary"}
 

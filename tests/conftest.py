@@ -22,6 +22,14 @@ SHARED = REPO.parent / "shared"
 NQ_DEV = SHARED / "data" / "nq_open" / "NQ-open.dev.jsonl"
 SVAMP = SHARED / "data" / "svamp" / "SVAMP.json"
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
+SE_RAY_BIN = str(Path(sys.executable).with_name("se-ray"))
+
+# Every test job uses these engine settings, so it reuses the session's one vLLM engine
+# (engines are named by their settings). LoRA is on so evaluation can serve adapters.
+ENGINE_OVERRIDES = ["sampling.enable_lora=true"]
+# 4 logical CPUs on 2 cores: the session engine (1 CPU) stays up while a job's
+# entailment actor or two training workers are scheduled beside it.
+TEST_CLUSTER_CPUS = 4
 
 
 def _free_port() -> int:
@@ -37,11 +45,14 @@ def ray_address(tmp_path_factory):
 
     temp_dir = Path("/tmp") / f"se-ray-test-{os.getpid()}"  # Ray's socket paths must stay short
     port = _free_port()
+    # Ray 2.60 turns on token auth whenever ~/.ray/auth_token exists (any earlier local
+    # ray.init writes one); this loopback-only test cluster and its clients run without it.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     # --block ties the cluster to this process: stopping it stops only this cluster,
     # not others on the machine (`ray stop` would kill every cluster).
     head = subprocess.Popen(
-        [RAY_BIN, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+        [RAY_BIN, "start", "--head", "--block", f"--port={port}", f"--num-cpus={TEST_CLUSTER_CPUS}", "--num-gpus=0",
          f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -72,3 +83,27 @@ def nq_dev() -> Path:
     if not NQ_DEV.exists():
         pytest.skip(f"shared data missing: {NQ_DEV}")
     return NQ_DEV
+
+
+def test_config(*overrides: str):
+    from se_ray.config import load_config
+
+    return load_config(None, [*ENGINE_OVERRIDES, *overrides])
+
+
+@pytest.fixture(scope="session")
+def engine(ray_address):
+    """The session's one vLLM engine (detached, named); jobs with ENGINE_OVERRIDES reuse it."""
+    from se_ray.engine import acquire_engines
+
+    cfg = test_config()
+    pool = acquire_engines(cfg.sampling, cfg.ray, detached=True)
+    yield pool
+    pool.owned = list(pool.names)  # started detached for the session: stop it now
+    pool.release()
+
+
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SE_RAY_BIN, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ}
+    )

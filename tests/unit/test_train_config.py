@@ -52,7 +52,9 @@ def test_deepspeed_config_batch_math_and_cpu_precision():
 
 
 def test_deepspeed_config_gpu_zero3():
-    cfg = TrainConfig(use_gpu=True, zero_stage=3, global_batch_size=16, micro_batch_size=2, gradient_clipping=0.5)
+    cfg = TrainConfig(
+        use_gpu=True, zero_stage=3, global_batch_size=16, micro_batch_size=2, gradient_clipping=0.5
+    )
     ds = deepspeed_config(cfg, world_size=8)
     assert ds["bf16"]["enabled"] is True
     assert ds["zero_optimization"]["stage"] == 3
@@ -60,9 +62,7 @@ def test_deepspeed_config_gpu_zero3():
     assert ds["gradient_clipping"] == 0.5
 
 
-@pytest.mark.parametrize(
-    ("world", "accum"), [(1, 12), (2, 6), (3, 4), (4, 3), (6, 2), (12, 1)]
-)
+@pytest.mark.parametrize(("world", "accum"), [(1, 12), (2, 6), (3, 4), (4, 3), (6, 2), (12, 1)])
 def test_deepspeed_config_accumulation_follows_world_size(world, accum):
     ds = deepspeed_config(TrainConfig(global_batch_size=48, micro_batch_size=4), world_size=world)
     assert ds["gradient_accumulation_steps"] == accum
@@ -103,7 +103,9 @@ def test_lora_config_is_the_papers_by_default():
 
 
 def test_lora_config_follows_the_config():
-    lc = lora_config(TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj", "o_proj"]))
+    lc = lora_config(
+        TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj", "o_proj"])
+    )
     assert (lc.r, lc.lora_alpha, lc.lora_dropout) == (4, 8, 0.0)
     assert set(lc.target_modules) == {"q_proj", "o_proj"}
 
@@ -212,7 +214,9 @@ def test_collate_tokenises_a_stream_batch(tokenizer):
     assert out["input_ids"].shape == out["labels"].shape == out["attention_mask"].shape
     assert out["input_ids"].shape[0] == 2
     n_learned = (out["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
-    expected = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in ("Paris.", ABSTENTION_TEXT)]
+    expected = [
+        len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in ("Paris.", ABSTENTION_TEXT)
+    ]
     assert n_learned == expected
     with pytest.raises(KeyError, match="target"):
         collate({"question": batch["question"]})
@@ -254,7 +258,8 @@ def test_labels_folder_skips_temporary_parts_and_accepts_the_run_folder(tmp_path
 def test_importing_train_loads_no_heavy_packages():
     code = (
         "import sys, se_ray.train, se_ray.config;"
-        "heavy = [m for m in ('torch', 'ray', 'deepspeed', 'peft', 'transformers', 'vllm') if m in sys.modules];"
+        "heavy = ('torch', 'ray', 'deepspeed', 'peft', 'transformers', 'vllm');"
+        "heavy = [m for m in heavy if m in sys.modules];"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

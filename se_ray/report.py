@@ -1,0 +1,258 @@
+"""The run report: ``report.md`` and its PNG figures, rendered from one plain results dict.
+
+``se-ray run`` assembles the dict from its stage summaries (``se_ray.run.report_data``);
+rendering is a pure function of it (matplotlib's Agg canvas, no pyplot state), so the
+report can be re-rendered, or tested, from a hand-made dict. The dict:
+
+``setup``
+    free-form key/value pairs shown at the top (model, judge, split sizes, grid, seeds...).
+``methods``
+    list, in table order, of ``{"method", "label", "chosen_tau", "seeds", "splits"}``;
+    ``splits`` maps a split name (``test``, ``ood``) to aggregated scores over the seeds:
+    ``num_questions``, ``aed_mean``, ``aed_sd``, ``aed_ci95`` ([low, high] of the mean),
+    ``accuracy_mean``, ``accuracy_sd``, ``engagement_mean``, ``engagement_sd``,
+    ``correct_mean``, ``incorrect_mean``, ``abstained_mean``.
+``sweep``
+    method -> list of ``{"tau", "correct", "incorrect", "abstained", "num_questions", "aed",
+    "trial"}``, one per τ of the grid (τ None for R-Tuning and the untuned model), scored on
+    ``adaptation_split``.
+``train_scores``
+    score name -> the training set's values (the semantic-entropy histogram).
+``taus`` and ``chosen_tau``
+    the grid, and the τ chosen per method (marked on the histogram).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+REPORT_FILE = "report.md"
+ADAPTATION_PNG = "adaptation.png"
+AED_PNG = "aed_by_method.png"
+HISTOGRAM_PNG = "se_histogram.png"
+
+SPLIT_TITLES = {
+    "test": "in-distribution test split",
+    "ood": "out-of-distribution",
+    "validation": "in-distribution validation split",
+}
+_COLORS = {
+    "semantic_entropy": "tab:blue",
+    "exact_entropy": "tab:orange",
+    "r_tuning": "tab:green",
+    "untuned": "black",
+}
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _mean_sd(scores: dict[str, Any], name: str, digits: int = 3) -> str:
+    mean, sd = scores.get(f"{name}_mean"), scores.get(f"{name}_sd")
+    if sd is None or (isinstance(sd, float) and math.isnan(sd)):
+        return _num(mean, digits)
+    return f"{_num(mean, digits)} ± {_num(sd, digits)}"
+
+
+def _interval(ci: Sequence[float] | None) -> str:
+    if not ci or any(c is None or (isinstance(c, float) and math.isnan(c)) for c in ci):
+        return "–"
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _tau(value: Any) -> str:
+    return "–" if value is None else f"{value:g}"
+
+
+def _method_table(methods: list[dict[str, Any]], split: str) -> list[str]:
+    rows = [m for m in methods if split in (m.get("splits") or {})]
+    if not rows:
+        return []
+    n = rows[0]["splits"][split].get("num_questions")
+    lines = [
+        f"### AED on the {SPLIT_TITLES.get(split, split)} ({n} questions; lower is better)",
+        "",
+        "| method | τ | seeds | AED (mean ± s.d.) | AED 95% CI | accuracy | engagement | correct | incorrect | abstained |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in rows:
+        s = m["splits"][split]
+        lines.append(
+            f"| {m['label']} | {_tau(m.get('chosen_tau'))} | {m.get('seeds', 1)} | {_mean_sd(s, 'aed')} | "
+            f"{_interval(s.get('aed_ci95'))} | {_mean_sd(s, 'accuracy')} | {_mean_sd(s, 'engagement')} | "
+            f"{_num(s.get('correct_mean'), 1)} | {_num(s.get('incorrect_mean'), 1)} | "
+            f"{_num(s.get('abstained_mean'), 1)} |"
+        )
+    return [*lines, ""]
+
+
+def _sweep_table(sweep: dict[str, list[dict[str, Any]]], labels: dict[str, str], split: str) -> list[str]:
+    lines = [
+        f"### τ sweep ({SPLIT_TITLES.get(split, split)}, first seed)",
+        "",
+        "| method | τ | AED | correct | incorrect | abstained | trial |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, points in sweep.items():
+        for p in points:
+            lines.append(
+                f"| {labels.get(method, method)} | {_tau(p.get('tau'))} | {_num(p.get('aed'))} | "
+                f"{_num(p.get('correct'))} | {_num(p.get('incorrect'))} | {_num(p.get('abstained'))} | "
+                f"{p.get('trial') or '–'} |"
+            )
+    return [*lines, ""]
+
+
+def _canvas(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_adaptation(sweep: dict[str, list[dict[str, Any]]], labels: dict[str, str], split: str, path: str) -> None:
+    """Incorrect (x) vs correct (y) answers, one point per τ per method (the paper's Fig. 3)."""
+    fig = _canvas(6.5, 4.8)
+    ax = fig.add_subplot(1, 1, 1)
+    total = None
+    for method, points in sweep.items():
+        if not points:
+            continue
+        total = total or points[0].get("num_questions")
+        xs = [p["incorrect"] for p in points]
+        ys = [p["correct"] for p in points]
+        color = _COLORS.get(method)
+        marker = "*" if method == "untuned" else ("s" if method == "r_tuning" else "o")
+        size = 14 if marker == "*" else 7
+        line = "-" if len(points) > 1 else "none"
+        ax.plot(xs, ys, marker=marker, markersize=size, linestyle=line, alpha=0.8, color=color,
+                label=labels.get(method, method))
+        for p, x, y in zip(points, xs, ys, strict=True):
+            if p.get("tau") is not None:
+                ax.annotate(f"τ={p['tau']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if total:
+        ax.plot([0], [total], marker="P", markersize=10, color="gold", markeredgecolor="black",
+                linestyle="none", label="ideal (0 incorrect, all correct)")
+    ax.set_xlabel("incorrect answers (I)")
+    ax.set_ylabel("correct answers (C)")
+    ax.set_title(f"Adaptation: one point per τ ({SPLIT_TITLES.get(split, split)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_aed_by_method(methods: list[dict[str, Any]], path: str) -> None:
+    """AED per method (mean over seeds) with its 95% bootstrap interval, one bar per split."""
+    import numpy as np
+
+    splits = [s for s in ("test", "ood") if any(s in (m.get("splits") or {}) for m in methods)]
+    fig = _canvas(max(5.0, 1.4 * len(methods) + 2), 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(splits))
+    x = np.arange(len(methods))
+    for k, split in enumerate(splits):
+        means, lows, highs = [], [], []
+        for m in methods:
+            s = (m.get("splits") or {}).get(split) or {}
+            mean = s.get("aed_mean")
+            ci = s.get("aed_ci95") or [None, None]
+            means.append(np.nan if mean is None else mean)
+            ok = mean is not None and None not in ci and not any(math.isnan(c) for c in ci)
+            lows.append(max(0.0, mean - ci[0]) if ok else 0.0)
+            highs.append(max(0.0, ci[1] - mean) if ok else 0.0)
+        ax.bar(x + (k - (len(splits) - 1) / 2) * width, means, width, yerr=[lows, highs], capsize=4,
+               label=SPLIT_TITLES.get(split, split), alpha=0.85)
+    ax.axhline(1 / math.sqrt(2), color="grey", linestyle=":", linewidth=1, label="always abstain (0.707)")
+    ax.set_xticks(x, [m["label"] for m in methods])
+    ax.set_ylabel("AED (lower is better)")
+    ax.set_title("AED by method (mean over seeds, 95% bootstrap CI)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_histogram(values: Sequence[float], taus: Sequence[float], chosen: float | None, path: str,
+                   score: str = "semantic entropy") -> None:
+    """The training set's scores, the τ grid (dotted) and the chosen τ (solid)."""
+    import numpy as np
+
+    fig = _canvas(6.0, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    data = np.asarray([v for v in values if v is not None], dtype=float)
+    top = max([2.31, *taus, *(data.tolist() or [0.0])]) + 0.05
+    ax.hist(data, bins=np.linspace(0.0, top, 32), color="tab:blue", alpha=0.8, edgecolor="white")
+    for t in taus:
+        ax.axvline(t, color="grey", linestyle=":", linewidth=1)
+    if chosen is not None:
+        ax.axvline(chosen, color="tab:red", linewidth=2, label=f"chosen τ = {chosen:g}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(f"{score} (nats); abstain when > τ")
+    ax.set_ylabel("training questions")
+    ax.set_title(f"Training-set {score} ({len(data)} questions)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def render_report(data: dict[str, Any], folder: str) -> dict[str, str]:
+    """Write ``report.md`` and the PNGs into the local ``folder``; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    methods = data.get("methods") or []
+    sweep = data.get("sweep") or {}
+    labels = {m["method"]: m["label"] for m in methods}
+    split = data.get("adaptation_split", "validation")
+    paths = {"report": os.path.join(folder, REPORT_FILE)}
+
+    lines = [f"# {data.get('title', 'se-ray run')}", ""]
+    setup = data.get("setup") or {}
+    if setup:
+        lines += ["| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in setup.items()]
+        lines.append("")
+    lines += [
+        "AED = sqrt((I² + (|D| − C)²) / (2·|D|²)) (Tjandra et al. 2024): 1 − accuracy for a model that "
+        "never abstains, 0.707 for one that always abstains. Accuracy = C/|D|, engagement = answered/|D|. "
+        "Intervals: 95% percentile bootstrap over questions (of the mean over seeds).",
+        "",
+    ]
+    for s in ("test", "ood"):
+        lines += _method_table(methods, s)
+    chosen = {m["method"]: m.get("chosen_tau") for m in methods if m.get("chosen_tau") is not None}
+    if chosen:
+        lines += ["Chosen τ (lowest validation AED): "
+                  + ", ".join(f"{labels.get(k, k)} τ = {v:g}" for k, v in chosen.items()), ""]
+    if any(sweep.values()):
+        lines += _sweep_table(sweep, labels, split)
+        paths["adaptation"] = os.path.join(folder, ADAPTATION_PNG)
+        plot_adaptation(sweep, labels, split, paths["adaptation"])
+        lines += [f"![adaptation plot]({ADAPTATION_PNG})", ""]
+    if any(m.get("splits") for m in methods):
+        paths["aed"] = os.path.join(folder, AED_PNG)
+        plot_aed_by_method(methods, paths["aed"])
+        lines += [f"![AED by method]({AED_PNG})", ""]
+    scores = (data.get("train_scores") or {}).get("semantic_entropy")
+    if scores:
+        paths["histogram"] = os.path.join(folder, HISTOGRAM_PNG)
+        plot_histogram(scores, data.get("taus") or [], (data.get("chosen_tau") or {}).get("semantic_entropy"),
+                       paths["histogram"])
+        lines += [f"![semantic entropy of the training set]({HISTOGRAM_PNG})", ""]
+    notes = data.get("notes") or []
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    with open(paths["report"], "w") as f:
+        f.write("\n".join(lines))
+    return paths
+
+
+__all__ = ["plot_adaptation", "plot_aed_by_method", "plot_histogram", "render_report"]
