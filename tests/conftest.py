@@ -60,7 +60,7 @@ def ray_address(tmp_path_factory):
     deadline = time.monotonic() + 120
     while True:
         try:
-            ray.init(address=address, namespace="se-ray", log_to_driver=False)
+            ray.init(address=address, namespace="se-ray", log_to_driver=True)
             break
         except (ConnectionError, RuntimeError):
             if time.monotonic() > deadline or head.poll() is not None:
