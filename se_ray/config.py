@@ -157,8 +157,11 @@ class EvalConfig(_Section):
         1.0, gt=0, description="LLM judge: one retry when the reply holds neither yes nor no."
     )
     judge_max_tokens: int = Field(10, ge=1, description="LLM judge: reply length (only its start is read).")
-    judge_tensor_parallel_size: int = Field(
-        1, ge=1, description="Tensor parallelism of a separate judge model's engine (judge_model set)."
+    judge_tensor_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        description="Tensor parallelism of a separate judge model's engine (judge_model set); "
+        "None: sampling.tensor_parallel_size.",
     )
 
 

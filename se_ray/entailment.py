@@ -239,7 +239,11 @@ def build_judge(cfg: EntailmentConfig, engines: EnginePool | None = None) -> Ent
 
 
 def cluster_questions(
-    judge: EntailmentJudge, questions: Sequence[str], samples: Sequence[Sequence[str]], strict: bool
+    judge: EntailmentJudge,
+    questions: Sequence[str],
+    samples: Sequence[Sequence[str]],
+    strict: bool,
+    verdicts: Sequence[dict[tuple[str, str], bool]] | None = None,
 ) -> list[list[int]]:
     """Reference greedy clustering of each question's M samples, one batched judge call per round.
 
@@ -247,9 +251,16 @@ def cluster_questions(
     pair of distinct texts is judged at most once (both directions). The greedy rule still
     runs over all M samples: clustering only the unique texts and expanding can differ from
     the reference when the judge is not transitive.
+
+    ``verdicts``: one cache per question (normalised pair -> equivalent), read and filled, so
+    a caller that clusters growing sample lists (early stop) judges each pair once and keeps
+    the ids of the earlier samples unchanged.
     """
     keys = [[entropy.normalize_answer(a) for a in answers] for answers in samples]
-    verdicts: list[dict[tuple[str, str], bool]] = [{} for _ in samples]
+    if verdicts is None:
+        verdicts = [{} for _ in samples]
+    elif len(verdicts) != len(samples):
+        raise ValueError(f"{len(verdicts)} verdict caches for {len(samples)} questions")
     rounds = [entropy.greedy_rounds(len(k)) for k in keys]
     results: list[list[int] | None] = [None] * len(rounds)
     pending: dict[int, list[tuple[int, int]]] = {}
@@ -286,7 +297,12 @@ def cluster_questions(
 
 
 class EntropyStage:
-    """``__call__(batch)`` needs ``question``, ``samples``, ``sample_logprobs``; adds clusters and entropies."""
+    """``__call__(batch)`` needs ``question``, ``samples``, ``sample_logprobs``; adds clusters and entropies.
+
+    A batch that already carries ``cluster_ids`` (the early-stop sampler clusters while it
+    samples, with the same judge settings) keeps them and its ``entailment_calls``: the stage
+    then only computes the entropies.
+    """
 
     def __init__(self, cfg: EntailmentConfig, engines: EnginePool | None = None):
         self.cfg = cfg
@@ -297,12 +313,22 @@ class EntropyStage:
         questions = batch.column(col.QUESTION).to_pylist()
         samples = batch.column(col.SAMPLES).to_pylist()
         logprobs = batch.column(col.SAMPLE_LOGPROBS).to_pylist()
-        calls_before = self.judge.model_calls
-        clusters = cluster_questions(self.judge, questions, samples, self.cfg.strict)
-        calls = self.judge.model_calls - calls_before
-        if isinstance(self.judge, EmbeddingJudge):
-            self.judge.reset_cache()
         f64 = pa.float64()
+        if col.CLUSTER_IDS in batch.column_names:
+            clusters = batch.column(col.CLUSTER_IDS).to_pylist()
+            per_question = (
+                batch.column(col.ENTAILMENT_CALLS).to_pylist()
+                if col.ENTAILMENT_CALLS in batch.column_names
+                else [0.0] * len(questions)
+            )
+        else:
+            calls_before = self.judge.model_calls
+            clusters = cluster_questions(self.judge, questions, samples, self.cfg.strict)
+            calls = self.judge.model_calls - calls_before
+            if isinstance(self.judge, EmbeddingJudge):
+                self.judge.reset_cache()
+            # The batch's model calls spread over its questions (calls are batched across them).
+            per_question = [calls / len(questions)] * len(questions)
         return with_columns(
             batch,
             {
@@ -316,8 +342,7 @@ class EntropyStage:
                     f64,
                 ),
                 col.EXACT_ENTROPY: ([entropy.exact_entropy(s) for s in samples], f64),
-                # The batch's model calls spread over its questions (calls are batched across them).
-                col.ENTAILMENT_CALLS: ([calls / len(questions)] * len(questions), f64),
+                col.ENTAILMENT_CALLS: (per_question, f64),
             },
         )
 

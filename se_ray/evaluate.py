@@ -108,7 +108,10 @@ def judge_prompt(question: str, answer: str, references: Sequence[str]) -> str:
         prompt += f"The following are expected answers to this question: {refs}.\n"
     prompt += f"The proposed answer is: {answer}\n"
     if len(refs) == 1:
-        prompt += "Within the context of the question, does the proposed answer mean the same as the expected answer?"
+        prompt += (
+            "Within the context of the question, does the proposed answer mean the same as the "
+            "expected answer?"
+        )
     else:
         prompt += (
             "Within the context of the question, does the proposed answer mean the same as any of the "
@@ -167,7 +170,9 @@ class LLMJudge:
         if todo:
             logger.info(
                 "LLM judge: %d/%d replies held neither yes nor no; retried, %d still undecided (-> no)",
-                len(todo), len(prompts), sum(v is None for v in retried),
+                len(todo),
+                len(prompts),
+                sum(v is None for v in retried),
             )
         return combine_verdicts(first, retried)
 
@@ -223,7 +228,7 @@ def judge_engine_config(cfg: JobConfig, generation: SamplingConfig) -> SamplingC
             "model": model,
             "enable_lora": False,
             "num_engines": 1,
-            "tensor_parallel_size": cfg.eval.judge_tensor_parallel_size,
+            "tensor_parallel_size": cfg.eval.judge_tensor_parallel_size or cfg.sampling.tensor_parallel_size,
         }
     )
 
@@ -407,7 +412,12 @@ def split_references(rows: Sequence[dict[str, Any]], source: str = "") -> tuple[
             keep.append(r)
         else:
             rejects.append(
-                {"source": source, "line": None, "id": r[col.ID], "reason": "no references: evaluation needs them"}
+                {
+                    "source": source,
+                    "line": None,
+                    "id": r[col.ID],
+                    "reason": "no references: evaluation needs them",
+                }
             )
     return keep, rejects
 
@@ -434,7 +444,9 @@ def evaluate_rows(
     scores = summarize(abstained, correct, cfg.eval.bootstrap_samples)
     fs, out = filesystem(output, cfg.storage)
     fs.create_dir(out, recursive=True)
-    write_parquet_atomic(fs, join(out, RESULTS_FILE), results_table(rows, answers, abstained, correct, judge.name))
+    write_parquet_atomic(
+        fs, join(out, RESULTS_FILE), results_table(rows, answers, abstained, correct, judge.name)
+    )
     wall = time.perf_counter() - started
     summary = {
         **(info or {}),
@@ -449,8 +461,13 @@ def evaluate_rows(
     write_json(fs, join(out, METRICS_FILE), summary)
     logger.info(
         "evaluated %d questions (%s): %d correct, %d incorrect, %d abstained; AED %.3f [%.3f, %.3f]",
-        scores["num_questions"], info.get("model") if info else adapter, scores["correct"],
-        scores["incorrect"], scores["abstained"], scores["aed"], *scores["aed_ci95"],
+        scores["num_questions"],
+        info.get("model") if info else adapter,
+        scores["correct"],
+        scores["incorrect"],
+        scores["abstained"],
+        scores["aed"],
+        *scores["aed_ci95"],
     )
     return summary
 
@@ -466,7 +483,7 @@ def read_results(fs: Any, folder: str):
 
 def evaluate_job(cfg: JobConfig, model: str | None, input: str, output: str) -> dict[str, Any]:
     """Evaluate the base model, a LoRA adapter folder or another model on ``input``."""
-    from se_ray.data import load_questions
+    from se_ray.data import InputError, load_questions
     from se_ray.engine import acquire_engines
     from se_ray.models import resolve_model
     from se_ray.runtime import ensure_ray
@@ -480,11 +497,13 @@ def evaluate_job(cfg: JobConfig, model: str | None, input: str, output: str) -> 
     rejects = loaded.rejects + no_refs
     fs, out = filesystem(output, cfg.storage)
     fs.create_dir(out, recursive=True)
-    write_text_atomic(fs, join(out, REJECTS_FILE), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    write_text_atomic(
+        fs, join(out, REJECTS_FILE), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    )
     for r in rejects:
         logger.warning("rejected %s line %s id %s: %s", r["source"], r["line"], r["id"], r["reason"])
     if not rows:
-        raise ValueError(f"{input}: no questions with references to evaluate")
+        raise InputError(f"input {input}: no questions with references to evaluate")
 
     ensure_ray(cfg.ray)
     pools = [acquire_engines(target.engine, cfg.ray)]

@@ -13,9 +13,11 @@ report can be re-rendered, or tested, from a hand-made dict. The dict:
     ``accuracy_mean``, ``accuracy_sd``, ``engagement_mean``, ``engagement_sd``,
     ``correct_mean``, ``incorrect_mean``, ``abstained_mean``.
 ``sweep``
-    method -> list of ``{"tau", "correct", "incorrect", "abstained", "num_questions", "aed",
-    "trial"}``, one per τ of the grid (τ None for R-Tuning and the untuned model), scored on
-    ``adaptation_split``.
+    method -> list of ``{"tau", "trial", "validation", "test", "ood"}``, one per τ of the grid
+    (τ None for R-Tuning and the untuned model); each split present maps to that model's
+    ``aed``, ``correct``, ``incorrect``, ``abstained`` and ``num_questions`` there.
+``adaptation_split``
+    the split the adaptation plot shows (the paper: out of distribution).
 ``train_scores``
     score name -> the training set's values (the semantic-entropy histogram).
 ``taus`` and ``chosen_tau``
@@ -36,7 +38,7 @@ HISTOGRAM_PNG = "se_histogram.png"
 
 SPLIT_TITLES = {
     "test": "in-distribution test split",
-    "ood": "out-of-distribution",
+    "ood": "out-of-distribution set",
     "validation": "in-distribution validation split",
 }
 _COLORS = {
@@ -80,7 +82,8 @@ def _method_table(methods: list[dict[str, Any]], split: str) -> list[str]:
     lines = [
         f"### AED on the {SPLIT_TITLES.get(split, split)} ({n} questions; lower is better)",
         "",
-        "| method | τ | seeds | AED (mean ± s.d.) | AED 95% CI | accuracy | engagement | correct | incorrect | abstained |",
+        "| method | τ | seeds | AED (mean ± s.d.) | AED 95% CI | accuracy | engagement "
+        "| correct | incorrect | abstained |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in rows:
@@ -95,18 +98,26 @@ def _method_table(methods: list[dict[str, Any]], split: str) -> list[str]:
 
 
 def _sweep_table(sweep: dict[str, list[dict[str, Any]]], labels: dict[str, str], split: str) -> list[str]:
+    points = [p for ps in sweep.values() for p in ps]
+    splits = [s for s in ("validation", "test", "ood") if any(s in p for p in points)]
+    short = {"validation": "validation", "test": "test", "ood": "OOD"}
     lines = [
-        f"### τ sweep ({SPLIT_TITLES.get(split, split)}, first seed)",
+        f"### Every τ (first seed): AED per split; counts on the {SPLIT_TITLES.get(split, split)}",
         "",
-        "| method | τ | AED | correct | incorrect | abstained | trial |",
-        "|---|---|---|---|---|---|---|",
+        "| method | τ | "
+        + " | ".join(f"AED {short[s]}" for s in splits)
+        + " | correct | incorrect | abstained "
+        "| trial |",
+        "|---|---|" + "---|" * len(splits) + "---|---|---|---|",
     ]
-    for method, points in sweep.items():
-        for p in points:
+    for method, ps in sweep.items():
+        for p in ps:
+            counts = p.get(split) or {}
             lines.append(
-                f"| {labels.get(method, method)} | {_tau(p.get('tau'))} | {_num(p.get('aed'))} | "
-                f"{_num(p.get('correct'))} | {_num(p.get('incorrect'))} | {_num(p.get('abstained'))} | "
-                f"{p.get('trial') or '–'} |"
+                f"| {labels.get(method, method)} | {_tau(p.get('tau'))} | "
+                + " | ".join(_num((p.get(s) or {}).get("aed")) for s in splits)
+                + f" | {_num(counts.get('correct'))} | {_num(counts.get('incorrect'))} | "
+                f"{_num(counts.get('abstained'))} | {p.get('trial') or '–'} |"
             )
     return [*lines, ""]
 
@@ -120,29 +131,52 @@ def _canvas(width: float, height: float):
     return fig
 
 
-def plot_adaptation(sweep: dict[str, list[dict[str, Any]]], labels: dict[str, str], split: str, path: str) -> None:
+def plot_adaptation(
+    sweep: dict[str, list[dict[str, Any]]], labels: dict[str, str], split: str, path: str
+) -> None:
     """Incorrect (x) vs correct (y) answers, one point per τ per method (the paper's Fig. 3)."""
     fig = _canvas(6.5, 4.8)
     ax = fig.add_subplot(1, 1, 1)
     total = None
-    for method, points in sweep.items():
+    for method, all_points in sweep.items():
+        points = [p for p in all_points if p.get(split)]
         if not points:
             continue
-        total = total or points[0].get("num_questions")
-        xs = [p["incorrect"] for p in points]
-        ys = [p["correct"] for p in points]
+        total = total or points[0][split].get("num_questions")
+        xs = [p[split]["incorrect"] for p in points]
+        ys = [p[split]["correct"] for p in points]
         color = _COLORS.get(method)
         marker = "*" if method == "untuned" else ("s" if method == "r_tuning" else "o")
         size = 14 if marker == "*" else 7
         line = "-" if len(points) > 1 else "none"
-        ax.plot(xs, ys, marker=marker, markersize=size, linestyle=line, alpha=0.8, color=color,
-                label=labels.get(method, method))
+        ax.plot(
+            xs,
+            ys,
+            marker=marker,
+            markersize=size,
+            linestyle=line,
+            alpha=0.8,
+            color=color,
+            label=labels.get(method, method),
+        )
         for p, x, y in zip(points, xs, ys, strict=True):
             if p.get("tau") is not None:
                 ax.annotate(f"τ={p['tau']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if total:
-        ax.plot([0], [total], marker="P", markersize=10, color="gold", markeredgecolor="black",
-                linestyle="none", label="ideal (0 incorrect, all correct)")
+        ax.plot(
+            [0],
+            [total],
+            marker="P",
+            markersize=10,
+            color="gold",
+            markeredgecolor="black",
+            linestyle="none",
+            label="ideal (0 incorrect, all correct)",
+        )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("incorrect answers (I)")
     ax.set_ylabel("correct answers (C)")
     ax.set_title(f"Adaptation: one point per τ ({SPLIT_TITLES.get(split, split)})")
@@ -171,8 +205,15 @@ def plot_aed_by_method(methods: list[dict[str, Any]], path: str) -> None:
             ok = mean is not None and None not in ci and not any(math.isnan(c) for c in ci)
             lows.append(max(0.0, mean - ci[0]) if ok else 0.0)
             highs.append(max(0.0, ci[1] - mean) if ok else 0.0)
-        ax.bar(x + (k - (len(splits) - 1) / 2) * width, means, width, yerr=[lows, highs], capsize=4,
-               label=SPLIT_TITLES.get(split, split), alpha=0.85)
+        ax.bar(
+            x + (k - (len(splits) - 1) / 2) * width,
+            means,
+            width,
+            yerr=[lows, highs],
+            capsize=4,
+            label=SPLIT_TITLES.get(split, split),
+            alpha=0.85,
+        )
     ax.axhline(1 / math.sqrt(2), color="grey", linestyle=":", linewidth=1, label="always abstain (0.707)")
     ax.set_xticks(x, [m["label"] for m in methods])
     ax.set_ylabel("AED (lower is better)")
@@ -183,8 +224,13 @@ def plot_aed_by_method(methods: list[dict[str, Any]], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def plot_histogram(values: Sequence[float], taus: Sequence[float], chosen: float | None, path: str,
-                   score: str = "semantic entropy") -> None:
+def plot_histogram(
+    values: Sequence[float],
+    taus: Sequence[float],
+    chosen: float | None,
+    path: str,
+    score: str = "semantic entropy",
+) -> None:
     """The training set's scores, the τ grid (dotted) and the chosen τ (solid)."""
     import numpy as np
 
@@ -198,6 +244,9 @@ def plot_histogram(values: Sequence[float], taus: Sequence[float], chosen: float
     if chosen is not None:
         ax.axvline(chosen, color="tab:red", linewidth=2, label=f"chosen τ = {chosen:g}")
         ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"{score} (nats); abstain when > τ")
     ax.set_ylabel("training questions")
     ax.set_title(f"Training-set {score} ({len(data)} questions)")
@@ -230,8 +279,11 @@ def render_report(data: dict[str, Any], folder: str) -> dict[str, str]:
         lines += _method_table(methods, s)
     chosen = {m["method"]: m.get("chosen_tau") for m in methods if m.get("chosen_tau") is not None}
     if chosen:
-        lines += ["Chosen τ (lowest validation AED): "
-                  + ", ".join(f"{labels.get(k, k)} τ = {v:g}" for k, v in chosen.items()), ""]
+        lines += [
+            "Chosen τ (lowest validation AED): "
+            + ", ".join(f"{labels.get(k, k)} τ = {v:g}" for k, v in chosen.items()),
+            "",
+        ]
     if any(sweep.values()):
         lines += _sweep_table(sweep, labels, split)
         paths["adaptation"] = os.path.join(folder, ADAPTATION_PNG)
@@ -244,8 +296,12 @@ def render_report(data: dict[str, Any], folder: str) -> dict[str, str]:
     scores = (data.get("train_scores") or {}).get("semantic_entropy")
     if scores:
         paths["histogram"] = os.path.join(folder, HISTOGRAM_PNG)
-        plot_histogram(scores, data.get("taus") or [], (data.get("chosen_tau") or {}).get("semantic_entropy"),
-                       paths["histogram"])
+        plot_histogram(
+            scores,
+            data.get("taus") or [],
+            (data.get("chosen_tau") or {}).get("semantic_entropy"),
+            paths["histogram"],
+        )
         lines += [f"![semantic entropy of the training set]({HISTOGRAM_PNG})", ""]
     notes = data.get("notes") or []
     if notes:

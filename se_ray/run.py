@@ -21,7 +21,8 @@
 5. **choose τ** per method by the lowest validation AED (ties: the first τ of the grid),
    then **seeds**: a second Tune grid retrains each chosen partition (and R-Tuning's) with
    ``sweep.seeds`` seeds in all.
-6. **evaluate** the untuned model and every chosen model on the test split and the OOD set.
+6. **evaluate** the untuned model and every trained model on the test split and the OOD set
+   (every τ's model: the adaptation plot; the chosen ones, all seeds: the AED tables).
 7. **report**: ``report.md`` and PNGs (``se_ray.report``); ``summary.json``.
 
 Every stage writes ``_stage.json`` in its folder with a key hashed from the config sections
@@ -32,18 +33,20 @@ carry their key in their name, so an adapter path is never reused for different 
 
 The driver holds one vLLM engine with LoRA serving for the whole run: labeling (when its
 engine settings match), every trial's validation (the trials look it up by name) and the
-final evaluation share it.
+final evaluation share it. With ``train.use_gpu`` the trainers need the GPUs the engine holds,
+so the driver releases it before the trials and each trial starts its own for validation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -365,7 +368,12 @@ def evaluate_model(
         target = resolve_eval_model(cfg, _local_folder(cfg, model))
         engine_cfg, adapter, kind = target.engine, target.adapter, target.kind
     summary = evaluate_rows(
-        cfg, rows, engines.pool(engine_cfg), engines.judge(), output, adapter=adapter,
+        cfg,
+        rows,
+        engines.pool(engine_cfg),
+        engines.judge(),
+        output,
+        adapter=adapter,
         info={"model": model or cfg.sampling.model, "model_kind": kind, **info},
     )
     if kind == "model":
@@ -385,7 +393,6 @@ def _trial_model(train_summary: dict[str, Any]) -> str:
 
 def run_trial(cfg: JobConfig, spec: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     """One trial: relabel the training set by the spec's rule, train, evaluate on validation."""
-    import pyarrow as pa
 
     from se_ray.label import label_schema
     from se_ray.storage import write_parquet_atomic
@@ -419,15 +426,20 @@ def run_trial(cfg: JobConfig, spec: dict[str, Any], ctx: dict[str, Any]) -> dict
         train_summary = json.loads(read_text(fs, train_file))
     else:
         trial_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": spec["seed"]})})
-        train_summary = train_job(trial_cfg, labels=labels_location, output=join(spec["folder"], "train"),
-                                  resume=True)
+        train_summary = train_job(
+            trial_cfg, labels=labels_location, output=join(spec["folder"], "train"), resume=True
+        )
         write_json(fs, train_file, train_summary)
 
     engines = Engines(cfg)
     try:
         validation = evaluate_model(
-            cfg, engines, _read_jsonl(cfg, ctx["validation"]), join(spec["folder"], "validation"),
-            config_key(spec["key"], "validation"), _trial_model(train_summary),
+            cfg,
+            engines,
+            _read_jsonl(cfg, ctx["validation"]),
+            join(spec["folder"], "validation"),
+            config_key(spec["key"], "validation"),
+            _trial_model(train_summary),
             {"split": "validation", "trial": spec["name"]},
         )
     finally:
@@ -447,7 +459,9 @@ def run_trial(cfg: JobConfig, spec: dict[str, Any], ctx: dict[str, Any]) -> dict
     return stage.finish(summary)
 
 
-def _tune_trial(config: dict[str, Any], job: dict[str, Any], specs: dict[str, Any], ctx: dict[str, Any]) -> None:
+def _tune_trial(
+    config: dict[str, Any], job: dict[str, Any], specs: dict[str, Any], ctx: dict[str, Any]
+) -> None:
     """The Ray Tune function trainable: one trial, its validation scores reported to Tune."""
     from ray import tune
 
@@ -487,9 +501,12 @@ def _run_tune(cfg: JobConfig, specs: list[dict[str, Any]], ctx: dict[str, Any], 
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
-    grid = tuner.fit()
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: stdout is the CLI's JSON summary
+        grid = tuner.fit()
     if grid.errors:
-        raise RuntimeError(f"{len(grid.errors)} of {len(specs)} Tune trials ({name}) failed; first: {grid.errors[0]}")
+        raise RuntimeError(
+            f"{len(grid.errors)} of {len(specs)} Tune trials ({name}) failed; first: {grid.errors[0]}"
+        )
 
 
 def run_trials(
@@ -502,9 +519,17 @@ def run_trials(
         if Stage(fs, folder, spec["key"]).cached() is None:
             todo.append(spec)
     if todo:
-        engines.generation()  # up before the trials look it up by name, and kept for them all
-        engines.judge_pool()
-        logger.info("%s: %d trial(s) to run as a Ray Tune grid, %d reused", name, len(todo), len(specs) - len(todo))
+        if cfg.train.use_gpu:
+            # Trainers need the GPUs the engines hold: each trial starts (and stops) its own
+            # engine for validation, and the driver's come back for the final evaluation.
+            engines.release()
+        else:
+            # CPU: logical CPUs are shared, so one warm engine serves every trial (found by name).
+            engines.generation()
+            engines.judge_pool()
+        logger.info(
+            "%s: %d trial(s) to run as a Ray Tune grid, %d reused", name, len(todo), len(specs) - len(todo)
+        )
         _run_tune(cfg, todo, ctx, name)
     out = {}
     for spec in specs:
@@ -551,7 +576,9 @@ def _split_stage(cfg: JobConfig, input: str, output: str, log: dict[str, Any]) -
     return splits, key
 
 
-def _label_stage(cfg: JobConfig, output: str, split_key: str, engines: Engines, log: dict[str, Any]) -> tuple[str, str]:
+def _label_stage(
+    cfg: JobConfig, output: str, split_key: str, engines: Engines, log: dict[str, Any]
+) -> tuple[str, str]:
     from se_ray.engine import engine_digest
     from se_ray.label import label_job
 
@@ -562,7 +589,9 @@ def _label_stage(cfg: JobConfig, output: str, split_key: str, engines: Engines, 
         "label",
         split_key,
         cfg.sampling.model_dump(exclude=operational),
-        cfg.entailment.model_dump(exclude={"batch_size", "model_batch_size", "num_actors", "num_cpus", "num_gpus"}),
+        cfg.entailment.model_dump(
+            exclude={"batch_size", "model_batch_size", "num_actors", "num_cpus", "num_gpus"}
+        ),
     )
     stage = Stage(fs, folder, key)
     if stage.cached() is not None:
@@ -618,7 +647,8 @@ def _r_tuning_stage(
     rows = table.to_pylist()
     todo = [r for r in rows if r[col.REFERENCES]]
     verdicts = engines.judge().judge(
-        [r[col.QUESTION] for r in todo], [r[col.STANDARD_ANSWER] or "" for r in todo],
+        [r[col.QUESTION] for r in todo],
+        [r[col.STANDARD_ANSWER] or "" for r in todo],
         [r[col.REFERENCES] for r in todo],
     )
     by_id = {r[col.ID]: bool(v) for r, v in zip(todo, verdicts, strict=True)}
@@ -641,25 +671,44 @@ def plan_sweep(cfg: JobConfig, table, judged: dict[str, bool | None] | None) -> 
         if method == "r_tuning":
             abstain = r_tuning_rule([judged.get(i) for i in ids] if judged else [None] * len(ids))
             digest = partition_digest(ids, abstain)
-            partitions.setdefault(digest, {"rule": {"method": "r_tuning", "tau": None},
-                                           "rows": sum(a is not None for a in abstain),
-                                           "abstained": sum(bool(a) for a in abstain if a is not None)})
+            partitions.setdefault(
+                digest,
+                {
+                    "rule": {"method": "r_tuning", "tau": None},
+                    "rows": sum(a is not None for a in abstain),
+                    "abstained": sum(bool(a) for a in abstain if a is not None),
+                },
+            )
             methods[method] = [{"tau": None, "digest": digest}]
             continue
         scores = table.column(SCORE_OF[method]).to_pylist()
         points = []
         for group in group_taus(ids, scores, cfg.sweep.taus):
-            partitions.setdefault(group["digest"], {"rule": {"method": method, "tau": group["taus"][0]},
-                                                    "rows": len(ids), "abstained": group["abstained"]})
+            partitions.setdefault(
+                group["digest"],
+                {
+                    "rule": {"method": method, "tau": group["taus"][0]},
+                    "rows": len(ids),
+                    "abstained": group["abstained"],
+                },
+            )
             points += [{"tau": t, "digest": group["digest"]} for t in group["taus"]]
         methods[method] = sorted(points, key=lambda p: cfg.sweep.taus.index(p["tau"]))
     return {"methods": methods, "partitions": partitions}
 
 
-def _trial_spec(cfg: JobConfig, output: str, label_key: str, split_key: str, digest: str,
-                partition: dict[str, Any], seed: int) -> dict[str, Any]:
-    key = config_key("trial", label_key, split_key, digest, seed, cfg.train.model_dump(exclude={"seed"}),
-                     _eval_key(cfg))
+def _trial_spec(
+    cfg: JobConfig,
+    output: str,
+    label_key: str,
+    split_key: str,
+    digest: str,
+    partition: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    key = config_key(
+        "trial", label_key, split_key, digest, seed, cfg.train.model_dump(exclude={"seed"}), _eval_key(cfg)
+    )
     name = f"p{digest[:10]}-seed{seed}"
     return {
         "name": name,
@@ -676,10 +725,28 @@ def _results_flags(cfg: JobConfig, eval_location: str, ids: Sequence[str]) -> tu
 
     fs, folder = filesystem(eval_location, cfg.storage)
     table = read_results(fs, folder)
-    by_id = dict(zip(table.column(col.ID).to_pylist(),
-                     zip(table.column(ABSTAINED).to_pylist(), table.column(CORRECT).to_pylist(), strict=True),
-                     strict=True))
+    by_id = dict(
+        zip(
+            table.column(col.ID).to_pylist(),
+            zip(table.column(ABSTAINED).to_pylist(), table.column(CORRECT).to_pylist(), strict=True),
+            strict=True,
+        )
+    )
     return [bool(by_id[i][0]) for i in ids], [bool(by_id[i][1]) for i in ids]
+
+
+def report_split_title(split: str) -> str:
+    from se_ray.report import SPLIT_TITLES
+
+    return SPLIT_TITLES.get(split, split)
+
+
+def _judge_label(cfg: JobConfig) -> str:
+    if cfg.eval.judge == "llm":
+        return f"llm ({cfg.eval.judge_model or cfg.sampling.model})"
+    if cfg.eval.judge == "f1":
+        return f"f1 (max SQuAD F1 ≥ {cfg.eval.f1_threshold:g})"
+    return "exact (normalised match or containment)"
 
 
 def report_data(cfg: JobConfig, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -689,23 +756,24 @@ def report_data(cfg: JobConfig, ctx: dict[str, Any]) -> dict[str, Any]:
         "answer style": cfg.sampling.answer_style,
         "samples per question (M)": cfg.sampling.num_samples,
         "entailment": f"{cfg.entailment.judge} ({cfg.entailment.model or cfg.sampling.model})",
-        "judge": cfg.eval.judge + (f" ({cfg.eval.judge_model or cfg.sampling.model})" if cfg.eval.judge == "llm"
-                                   else f" (F1 ≥ {cfg.eval.f1_threshold})" if cfg.eval.judge == "f1" else ""),
+        "judge": _judge_label(cfg),
         "split (train / validation / test / OOD)": " / ".join(str(len(ctx["splits"][s])) for s in SPLITS),
         "τ grid": ", ".join(f"{t:g}" for t in cfg.sweep.taus),
         "seeds": cfg.sweep.seeds,
         "training": f"{cfg.train.method}, {cfg.train.epochs} epochs, lr {cfg.train.learning_rate:g}, "
-                    f"{cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}",
+        f"{cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}",
     }
     return {
         "title": "se-ray run: abstention fine-tuning with semantic entropy",
         "setup": setup,
         "methods": ctx["methods"],
         "sweep": ctx["sweep_points"],
-        "adaptation_split": "validation",
+        "adaptation_split": ctx["adaptation_split"],
         "train_scores": ctx["train_scores"],
         "taus": list(cfg.sweep.taus),
-        "chosen_tau": {m["method"]: m["chosen_tau"] for m in ctx["methods"] if m.get("chosen_tau") is not None},
+        "chosen_tau": {
+            m["method"]: m["chosen_tau"] for m in ctx["methods"] if m.get("chosen_tau") is not None
+        },
         "notes": ctx["notes"],
     }
 
@@ -727,6 +795,151 @@ def _publish_report(cfg: JobConfig, data: dict[str, Any], output: str) -> dict[s
         return paths
 
 
+SCORE_KEYS = ("aed", "correct", "incorrect", "abstained", "num_questions")
+
+
+class _Run:
+    """The state one ``run_job`` call threads through its stages."""
+
+    def __init__(self, cfg: JobConfig, output: str):
+        self.cfg = cfg
+        self.output = output
+        self.fs, self.out = filesystem(output, cfg.storage)
+        self.log: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.engines = Engines(cfg)
+        self.seeds = [cfg.train.seed + k for k in range(cfg.sweep.seeds)]
+
+    def spec(self, digest: str, seed: int) -> dict[str, Any]:
+        return _trial_spec(
+            self.cfg,
+            self.output,
+            self.label_key,
+            self.split_key,
+            digest,
+            self.plan["partitions"][digest],
+            seed,
+        )
+
+    def sweep(self) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+        """The τ sweep (first seed, one trial per distinct partition) and the chosen point per method."""
+        plan = self.plan
+        digests = list(dict.fromkeys(p["digest"] for points in plan["methods"].values() for p in points))
+        specs = [self.spec(d, self.seeds[0]) for d in digests]
+        trials, ran = run_trials(self.cfg, specs, self.ctx, self.engines, "sweep")
+        self.log["sweep_trials"] = {"ran": ran, "reused": len(specs) - ran}
+        by_digest = {t["digest"]: t for t in trials.values()}
+        sweep_points: dict[str, list[dict[str, Any]]] = {}
+        chosen: dict[str, dict[str, Any]] = {}
+        for method, points in plan["methods"].items():
+            sweep_points[method] = [
+                {
+                    "tau": p["tau"],
+                    "trial": by_digest[p["digest"]]["trial"],
+                    "digest": p["digest"],
+                    "validation": {k: by_digest[p["digest"]]["validation"][k] for k in SCORE_KEYS},
+                }
+                for p in points
+            ]
+            chosen[method] = choose_point(
+                [{**p, "aed": p["validation"]["aed"]} for p in sweep_points[method]]
+            )
+            shared = [p["tau"] for p in points if p["digest"] == chosen[method]["digest"]]
+            if method != "r_tuning" and len(shared) > 1:
+                self.notes.append(
+                    f"{METHOD_LABELS[method]}: τ = {', '.join(f'{t:g}' for t in shared)} give the same "
+                    "training set (one trained model)."
+                )
+        write_json(
+            self.fs,
+            join(self.out, "sweep", "selection.json"),
+            {m: {"tau": c["tau"], "digest": c["digest"], "aed": c["aed"]} for m, c in chosen.items()},
+        )
+        self.trials = trials
+        return sweep_points, chosen
+
+    def seed_runs(self, chosen: dict[str, dict[str, Any]]) -> None:
+        """Retrain each chosen partition (R-Tuning's included) with the other seeds."""
+        specs = {
+            s["name"]: s
+            for digest in dict.fromkeys(c["digest"] for c in chosen.values())
+            for s in (self.spec(digest, k) for k in self.seeds[1:])
+        }
+        ran = 0
+        if specs:
+            trials, ran = run_trials(self.cfg, list(specs.values()), self.ctx, self.engines, "seeds")
+            self.trials.update(trials)
+        self.log["seed_trials"] = {"ran": ran, "reused": len(specs) - ran}
+
+    def evaluate(self, split: str, member: dict[str, Any] | None, method: str) -> tuple[str, dict[str, Any]]:
+        """One model (None: untuned) on one split; returns (its folder, its scores)."""
+        if member is None:
+            location = join(self.output, "untuned", split)
+            key, model = config_key("untuned", self.split_key, _eval_key(self.cfg), split), None
+        else:
+            spec = self.spec(member["digest"], member["seed"])
+            location, key, model = (
+                join(spec["folder"], split),
+                config_key(spec["key"], split),
+                member["model"],
+            )
+        fs, folder = filesystem(location, self.cfg.storage)
+        self.log.setdefault("evaluations_ran", 0)
+        if Stage(fs, folder, key).cached() is None:
+            self.log["evaluations_ran"] += 1
+        scores = evaluate_model(
+            self.cfg,
+            self.engines,
+            self.splits[split],
+            location,
+            key,
+            model,
+            {"split": split, "method": method},
+        )
+        return location, scores
+
+    def all_thresholds(self, sweep_points: dict[str, list[dict[str, Any]]]) -> None:
+        """Every sweep model (one per τ, first seed) and the untuned one on test and OOD
+        (the paper's all-threshold evaluation, behind the adaptation plot)."""
+        for method, points in sweep_points.items():
+            for p in points:
+                member = None if method == "untuned" else self.trials[p["trial"]]
+                for split in self.eval_splits:
+                    _, scores = self.evaluate(split, member, method)
+                    p[split] = {k: scores[k] for k in SCORE_KEYS}
+
+    def final(self, chosen: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """The untuned model and every method's chosen models (all seeds) on test and OOD."""
+        models: list[tuple[str, Any, list[dict[str, Any] | None]]] = [("untuned", None, [None])]
+        for method in self.cfg.sweep.methods:
+            c = chosen[method]
+            members = [self.trials[self.spec(c["digest"], k)["name"]] for k in self.seeds]
+            models.append((method, c["tau"], members))
+        out = []
+        for method, tau, members in models:
+            entry = {
+                "method": method,
+                "label": METHOD_LABELS[method],
+                "chosen_tau": tau,
+                "seeds": len(members),
+                "splits": {},
+            }
+            for split in self.eval_splits:
+                ids = [r[col.ID] for r in self.splits[split]]
+                per_seed, abstained, correct = [], [], []
+                for member in members:
+                    location, scores = self.evaluate(split, member, method)
+                    a, c = _results_flags(self.cfg, location, ids)
+                    per_seed.append(scores)
+                    abstained.append(a)
+                    correct.append(c)
+                entry["splits"][split] = aggregate_seeds(
+                    per_seed, abstained, correct, self.cfg.eval.bootstrap_samples
+                )
+            out.append(entry)
+        return out
+
+
 def run_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
     """The whole job: split, label, sweep τ (Ray Tune), baselines, evaluate, report."""
     from se_ray.storage import is_uri
@@ -734,140 +947,82 @@ def run_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = _prepared(cfg)
     output = output if is_uri(output) else os.path.abspath(os.path.expanduser(output))
-    fs, out = filesystem(output, cfg.storage)
-    fs.create_dir(out, recursive=True)
-    write_text_atomic(fs, join(out, "config.yaml"), cfg.to_yaml())
-    log: dict[str, Any] = {}
-    notes: list[str] = []
+    run = _Run(cfg, output)
+    run.fs.create_dir(run.out, recursive=True)
+    write_text_atomic(run.fs, join(run.out, "config.yaml"), cfg.to_yaml())
 
-    splits, split_key = _split_stage(cfg, input, output, log)
-    engines = Engines(cfg)
+    run.splits, run.split_key = _split_stage(cfg, input, output, run.log)
+    run.eval_splits = [s for s in ("test", "ood") if run.splits[s]]
+    adaptation = "ood" if run.splits["ood"] else ("test" if run.splits["test"] else "validation")
     try:
-        label_location, label_key = _label_stage(cfg, output, split_key, engines, log)
+        label_location, run.label_key = _label_stage(cfg, output, run.split_key, run.engines, run.log)
         table = _read_labels(cfg, label_location, [col.ID, col.SEMANTIC_ENTROPY, col.EXACT_ENTROPY])
-        judged = None
-        ctx = {
+        run.ctx = {
             "output": output,
             "labels": label_location,
             "validation": join(output, "split", "validation.jsonl"),
             "r_tuning": None,
         }
+        judged = None
         if "r_tuning" in cfg.sweep.methods:
-            ctx["r_tuning"] = _r_tuning_stage(cfg, output, label_location, label_key, engines, log)
-            judged = _read_judged(cfg, ctx["r_tuning"])
+            run.ctx["r_tuning"] = _r_tuning_stage(
+                cfg, output, label_location, run.label_key, run.engines, run.log
+            )
+            judged = _read_judged(cfg, run.ctx["r_tuning"])
             unjudged = sum(v is None for v in judged.values())
             if unjudged:
-                notes.append(f"R-Tuning dropped {unjudged} training questions without references.")
-        plan = plan_sweep(cfg, table, judged)
-        write_json(fs, join(out, "sweep", "plan.json"), plan)
-        seeds = [cfg.train.seed + k for k in range(cfg.sweep.seeds)]
-
-        def spec(digest: str, seed: int) -> dict[str, Any]:
-            return _trial_spec(cfg, output, label_key, split_key, digest, plan["partitions"][digest], seed)
-
-        # 4. the sweep: one trial per distinct partition (first seed), validated
-        digests = list(dict.fromkeys(p["digest"] for pts in plan["methods"].values() for p in pts))
-        sweep_specs = [spec(d, seeds[0]) for d in digests]
-        trials, ran = run_trials(cfg, sweep_specs, ctx, engines, "sweep")
-        log["sweep_trials"] = {"ran": ran, "reused": len(sweep_specs) - ran}
-        by_digest = {t["digest"]: t for t in trials.values()}
-        sweep_points: dict[str, list[dict[str, Any]]] = {}
-        chosen: dict[str, dict[str, Any]] = {}
-        for method, points in plan["methods"].items():
-            sweep_points[method] = [
-                {"tau": p["tau"], "trial": by_digest[p["digest"]]["trial"], "digest": p["digest"],
-                 **{k: by_digest[p["digest"]]["validation"][k]
-                    for k in ("aed", "correct", "incorrect", "abstained", "num_questions")}}
-                for p in points
-            ]
-            chosen[method] = choose_point(sweep_points[method])
-            shared = [p["tau"] for p in points if p["digest"] == chosen[method]["digest"]]
-            if method != "r_tuning" and len(shared) > 1:
-                notes.append(f"{METHOD_LABELS[method]}: τ = {', '.join(f'{t:g}' for t in shared)} give the same "
-                             "training set (one trained model).")
-        write_json(fs, join(out, "sweep", "selection.json"),
-                   {m: {"tau": c["tau"], "digest": c["digest"], "aed": c["aed"]} for m, c in chosen.items()})
-
-        # 5. seeds: retrain each chosen partition with the other seeds
-        seed_specs = list({s["name"]: s for d in dict.fromkeys(c["digest"] for c in chosen.values())
-                           for s in (spec(d, k) for k in seeds[1:])}.values())
-        seed_trials, ran = run_trials(cfg, seed_specs, ctx, engines, "seeds") if seed_specs else ({}, 0)
-        log["seed_trials"] = {"ran": ran, "reused": len(seed_specs) - ran}
-        all_trials = {**trials, **seed_trials}
-
-        # 6. the untuned model (validation: the adaptation plot's reference point) and the final models
-        eval_key = _eval_key(cfg)
-        untuned_val = evaluate_model(cfg, engines, splits["validation"], join(output, "untuned", "validation"),
-                                     config_key("untuned", split_key, eval_key, "validation"), None,
-                                     {"split": "validation"})
-        sweep_points["untuned"] = [{"tau": None, "trial": "untuned", **{
-            k: untuned_val[k] for k in ("aed", "correct", "incorrect", "abstained", "num_questions")}}]
-        eval_splits = [s for s in ("test", "ood") if splits[s]]
-        models: list[dict[str, Any]] = [{"method": "untuned", "label": METHOD_LABELS["untuned"], "chosen_tau": None,
-                                         "members": [None]}]
-        for method in cfg.sweep.methods:
-            c = chosen[method]
-            members = [all_trials[spec(c["digest"], k)["name"]] for k in seeds]
-            models.append({"method": method, "label": METHOD_LABELS[method], "chosen_tau": c["tau"],
-                           "members": members})
-        evaluated = 0
-        methods_out = []
-        for m in models:
-            entry = {"method": m["method"], "label": m["label"], "chosen_tau": m["chosen_tau"],
-                     "seeds": len(m["members"]), "splits": {}}
-            for split in eval_splits:
-                per_seed, flags_a, flags_c = [], [], []
-                ids = [r[col.ID] for r in splits[split]]
-                for member in m["members"]:
-                    if member is None:
-                        location = join(output, "untuned", split)
-                        key = config_key("untuned", split_key, eval_key, split)
-                        model = None
-                    else:
-                        t_spec = spec(member["digest"], member["seed"])
-                        location, key, model = join(t_spec["folder"], split), config_key(t_spec["key"], split), \
-                            member["model"]
-                    fs_e, folder_e = filesystem(location, cfg.storage)
-                    evaluated += Stage(fs_e, folder_e, key).cached() is None
-                    scores = evaluate_model(cfg, engines, splits[split], location, key, model,
-                                            {"split": split, "method": m["method"]})
-                    per_seed.append(scores)
-                    a, c_ = _results_flags(cfg, location, ids)
-                    flags_a.append(a)
-                    flags_c.append(c_)
-                entry["splits"][split] = aggregate_seeds(per_seed, flags_a, flags_c, cfg.eval.bootstrap_samples)
-            methods_out.append(entry)
-        log["evaluations"] = {"ran": evaluated}
+                run.notes.append(f"R-Tuning dropped {unjudged} training questions without references.")
+        run.plan = plan_sweep(cfg, table, judged)
+        write_json(run.fs, join(run.out, "sweep", "plan.json"), run.plan)
+        sweep_points, chosen = run.sweep()
+        run.seed_runs(chosen)
+        _, untuned = run.evaluate("validation", None, "untuned")
+        sweep_points["untuned"] = [
+            {"tau": None, "trial": "untuned", "validation": {k: untuned[k] for k in SCORE_KEYS}}
+        ]
+        run.all_thresholds(sweep_points)
+        methods = run.final(chosen)
     finally:
-        engines.release()
+        run.engines.release()
 
-    if not splits["test"]:
-        notes.append("split.test=0: no in-distribution test evaluation.")
-    notes.append("The adaptation plot and the τ sweep table score the validation split (the selection data).")
-    train_scores = {"semantic_entropy": [float(v) for v in table.column(col.SEMANTIC_ENTROPY).to_pylist()]}
-    ctx.update(splits=splits, methods=methods_out, sweep_points=sweep_points, train_scores=train_scores, notes=notes)
-    data = report_data(cfg, ctx)
-    write_json(fs, join(out, "report_data.json"), data)
+    if not run.splits["test"]:
+        run.notes.append("split.test=0: no in-distribution test evaluation.")
+    run.notes.append(
+        f"τ is chosen on the validation split; the adaptation plot shows every τ's model on the "
+        f"{report_split_title(adaptation)}."
+    )
+    run.ctx.update(
+        adaptation_split=adaptation,
+        splits=run.splits,
+        methods=methods,
+        sweep_points=sweep_points,
+        train_scores={"semantic_entropy": [float(v) for v in table.column(col.SEMANTIC_ENTROPY).to_pylist()]},
+        notes=run.notes,
+    )
+    data = report_data(cfg, run.ctx)
+    write_json(run.fs, join(run.out, "report_data.json"), data)
     paths = _publish_report(cfg, data, output)
     wall = time.perf_counter() - started
     summary = {
         "output": output,
         "report": paths.get("report"),
         "figures": {k: v for k, v in paths.items() if k != "report"},
-        "stages": log,
+        "stages": run.log,
         "methods": {
             m["method"]: {
                 "chosen_tau": m["chosen_tau"],
                 "seeds": m["seeds"],
-                **{f"{s}_aed_mean": m["splits"][s]["aed_mean"] for s in m["splits"]},
-                **{f"{s}_aed_sd": m["splits"][s]["aed_sd"] for s in m["splits"]},
-                **{f"{s}_aed_ci95": m["splits"][s]["aed_ci95"] for s in m["splits"]},
+                **{
+                    f"{s}_{k}": v[k]
+                    for s, v in m["splits"].items()
+                    for k in ("aed_mean", "aed_sd", "aed_ci95")
+                },
             }
-            for m in methods_out
+            for m in methods
         },
         "wall_s": round(wall, 2),
     }
-    write_json(fs, join(out, SUMMARY_FILE), summary)
+    write_json(run.fs, join(run.out, SUMMARY_FILE), summary)
     logger.info("run done in %.1f s: %s", wall, json.dumps(summary["methods"]))
     return summary
 

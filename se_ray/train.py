@@ -352,8 +352,11 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
-def _gather_trainable(engine: Any, zero_stage: int, rank: int) -> dict[str, Any] | None:
-    """The trainable weights, whole, on rank 0 (a collective: every rank must call it)."""
+def _gather_trainable(engine: Any, zero_stage: int, rank: int, dtype: Any = None) -> dict[str, Any] | None:
+    """The trainable weights, whole, on rank 0, in ``dtype`` if given (a collective: every rank calls it).
+
+    One parameter at a time, so that ZeRO-3 never holds more than one gathered weight.
+    """
     import deepspeed
 
     state: dict[str, Any] = {}
@@ -365,13 +368,11 @@ def _gather_trainable(engine: Any, zero_stage: int, rank: int) -> dict[str, Any]
         )
         with gather:
             if rank == 0:
-                state[name] = p.detach().to("cpu", copy=True).contiguous()
+                state[name] = p.detach().to("cpu", dtype=dtype or p.dtype, copy=True).contiguous()
     return state if rank == 0 else None
 
 
-def _write_export(
-    engine: Any, cfg: TrainConfig, state: dict[str, Any], folder: Path, base_dtype: Any
-) -> None:
+def _write_export(engine: Any, cfg: TrainConfig, state: dict[str, Any], folder: Path) -> None:
     """Rank 0: the trained weights as safetensors (peft adapter, or the full weights)."""
     folder.mkdir(parents=True, exist_ok=True)
     if cfg.method == "lora":
@@ -379,9 +380,7 @@ def _write_export(
     else:
         from safetensors.torch import save_file
 
-        save_file(
-            {k: v.to(base_dtype) for k, v in state.items()}, str(folder / FULL_WEIGHTS_FILE), {"format": "pt"}
-        )
+        save_file(state, str(folder / FULL_WEIGHTS_FILE), {"format": "pt"})
 
 
 def _save_checkpoint(
@@ -401,10 +400,12 @@ def _save_checkpoint(
         engine.save_checkpoint(
             str(tmp / DS_DIR), tag=f"step{state['step']}", exclude_frozen_parameters=cfg.method == "lora"
         )
-        trained = _gather_trainable(engine, cfg.zero_stage, rank)
+        # LoRA matrices stay fp32 (small); full weights are exported in the base folder's dtype.
+        export_dtype = base_dtype if cfg.method == "full" else None
+        trained = _gather_trainable(engine, cfg.zero_stage, rank, export_dtype)
         if rank == 0:
             meta = tmp / STATE_DIR
-            _write_export(engine, cfg, trained, meta / EXPORT_DIR, base_dtype)
+            _write_export(engine, cfg, trained, meta / EXPORT_DIR)
             (meta / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
             (meta / METRICS_FILE).write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))

@@ -1,0 +1,156 @@
+"""The run report rendered from a hand-made results dict: Markdown tables and non-empty PNGs."""
+
+from __future__ import annotations
+
+import math
+
+from se_ray.report import render_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _split(aed_mean, aed_sd, ci, acc, eng, c, i, a, n=32):
+    return {
+        "num_questions": n,
+        "aed_mean": aed_mean,
+        "aed_sd": aed_sd,
+        "aed_ci95": ci,
+        "accuracy_mean": acc,
+        "accuracy_sd": None if aed_sd is None else 0.01,
+        "engagement_mean": eng,
+        "engagement_sd": None if aed_sd is None else 0.02,
+        "correct_mean": c,
+        "incorrect_mean": i,
+        "abstained_mean": a,
+    }
+
+
+def _point(aed, c, i, a, n):
+    return {"aed": aed, "correct": c, "incorrect": i, "abstained": a, "num_questions": n}
+
+
+def _data():
+    return {
+        "title": "hand-made run",
+        "setup": {"model": "builtin:smollm2-135m-instruct", "judge": "f1 (max SQuAD F1 ≥ 0.5)", "seeds": 3},
+        "methods": [
+            {
+                "method": "untuned",
+                "label": "Untuned",
+                "chosen_tau": None,
+                "seeds": 1,
+                "splits": {
+                    "test": _split(0.7123, None, [0.65, 0.77], 0.0625, 1.0, 2, 30, 0),
+                    "ood": _split(0.7071, None, [0.70, 0.72], 0.0, 1.0, 0, 32, 0),
+                },
+            },
+            {
+                "method": "semantic_entropy",
+                "label": "SE",
+                "chosen_tau": 0.75,
+                "seeds": 3,
+                "splits": {
+                    "test": _split(0.6543, 0.0123, [0.61, 0.70], 0.0938, 0.5, 3.0, 13.0, 16.0),
+                    "ood": _split(0.6789, 0.0211, [0.64, 0.71], 0.0312, 0.25, 1.0, 7.0, 24.0),
+                },
+            },
+            {
+                "method": "exact_entropy",
+                "label": "R-Tuning-U",
+                "chosen_tau": 2.25,
+                "seeds": 3,
+                "splits": {"test": _split(0.6901, 0.0050, [0.66, 0.72], 0.0625, 0.9, 2.0, 26.8, 3.2)},
+            },
+            {
+                "method": "r_tuning",
+                "label": "R-Tuning",
+                "chosen_tau": None,
+                "seeds": 3,
+                "splits": {"test": _split(0.7010, 0.0300, [math.nan, math.nan], 0.03, 0.1, 1.0, 2.0, 29.0)},
+            },
+        ],
+        "sweep": {
+            "semantic_entropy": [
+                {
+                    "tau": 0.5,
+                    "trial": "pabc-seed0",
+                    "validation": _point(0.6912, 1, 5, 10, 16),
+                    "test": _point(0.6501, 3, 9, 20, 32),
+                    "ood": _point(0.7105, 1, 3, 28, 32),
+                },
+                {
+                    "tau": 0.75,
+                    "trial": "pdef-seed0",
+                    "validation": _point(0.6321, 2, 4, 10, 16),
+                    "test": _point(0.6543, 3, 13, 16, 32),
+                    "ood": _point(0.6789, 1, 7, 24, 32),
+                },
+            ],
+            "r_tuning": [
+                {
+                    "tau": None,
+                    "trial": "pghi-seed0",
+                    "validation": _point(0.7083, 0, 1, 15, 16),
+                    "test": _point(0.7010, 1, 2, 29, 32),
+                }
+            ],
+            "untuned": [
+                {
+                    "tau": None,
+                    "trial": "untuned",
+                    "validation": _point(0.9017, 1, 15, 0, 16),
+                    "test": _point(0.7123, 2, 30, 0, 32),
+                    "ood": _point(0.7071, 0, 32, 0, 32),
+                }
+            ],
+        },
+        "adaptation_split": "ood",
+        "train_scores": {"semantic_entropy": [0.0, 0.325, 0.5, 0.693, 1.609, 2.303, 2.303, 0.0]},
+        "taus": [0.5, 0.75],
+        "chosen_tau": {"semantic_entropy": 0.75, "exact_entropy": 2.25},
+        "notes": ["SE: τ = 0.75 and 1.0 give the same training set (one trained model)."],
+    }
+
+
+def test_report_renders_tables_and_figures(tmp_path):
+    paths = render_report(_data(), str(tmp_path))
+    assert set(paths) == {"report", "adaptation", "aed", "histogram"}
+    for key in ("adaptation", "aed", "histogram"):
+        with open(paths[key], "rb") as f:
+            data = f.read()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, key
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# hand-made run")
+    # the ID and OOD tables with mean ± s.d., intervals, accuracy and engagement
+    assert "AED on the in-distribution test split (32 questions" in md
+    assert "AED on the out-of-distribution set (32 questions" in md
+    assert (
+        "| SE | 0.75 | 3 | 0.654 ± 0.012 | [0.610, 0.700] | 0.094 ± 0.010 | 0.500 ± 0.020 "
+        "| 3.0 | 13.0 | 16.0 |" in md
+    )
+    assert "| Untuned | – | 1 | 0.712 | [0.650, 0.770] | 0.062 | 1.000 | 2 | 30 | 0 |" in md
+    assert "| R-Tuning-U | 2.25 | 3 | 0.690 ± 0.005 |" in md
+    assert "| R-Tuning | – | 3 | 0.701 ± 0.030 | – |" in md  # a NaN interval renders as a dash
+    # chosen τ, the sweep table, the figures and the notes
+    assert "SE τ = 0.75" in md and "R-Tuning-U τ = 2.25" in md
+    assert (
+        "| method | τ | AED validation | AED test | AED OOD | correct | incorrect | abstained | trial |" in md
+    )
+    assert "| SE | 0.5 | 0.691 | 0.650 | 0.711 | 1 | 3 | 28 | pabc-seed0 |" in md  # counts: OOD
+    assert "| R-Tuning | – | 0.708 | 0.701 | – | – | – | – | pghi-seed0 |" in md
+    assert "| Untuned | – | 0.902 | 0.712 | 0.707 | 0 | 32 | 0 | untuned |" in md
+    for png in ("adaptation.png", "aed_by_method.png", "se_histogram.png"):
+        assert f"]({png})" in md
+    assert "give the same training set" in md
+
+
+def test_report_without_sweep_or_ood(tmp_path):
+    data = _data()
+    data["sweep"] = {}
+    data["train_scores"] = {}
+    for m in data["methods"]:
+        m["splits"].pop("ood", None)
+    paths = render_report(data, str(tmp_path))
+    assert set(paths) == {"report", "aed"}
+    md = (tmp_path / "report.md").read_text()
+    assert "out-of-distribution" not in md and "adaptation.png" not in md
