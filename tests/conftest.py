@@ -52,9 +52,21 @@ def ray_address(tmp_path_factory):
     # --block ties the cluster to this process: stopping it stops only this cluster,
     # not others on the machine (`ray stop` would kill every cluster).
     head = subprocess.Popen(
-        [RAY_BIN, "start", "--head", "--block", f"--port={port}", f"--num-cpus={TEST_CLUSTER_CPUS}", "--num-gpus=0",
-         f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            RAY_BIN,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--num-cpus={TEST_CLUSTER_CPUS}",
+            "--num-gpus=0",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120

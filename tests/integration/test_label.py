@@ -34,8 +34,20 @@ def test_label_64_questions(engine, nq_dev, tmp_path):
     assert summary["labeled_now"] == 64 and summary["questions"] == 64
     rows = _labels(out)
     assert len(rows) == 64 and len({r[col.ID] for r in rows}) == 64
-    for name in ("id", "question", "samples", "sample_logprobs", "standard_answer", "cluster_ids",
-                 "semantic_entropy", "regular_semantic_entropy", "exact_entropy", "tau", "abstain", "target"):
+    for name in (
+        "id",
+        "question",
+        "samples",
+        "sample_logprobs",
+        "standard_answer",
+        "cluster_ids",
+        "semantic_entropy",
+        "regular_semantic_entropy",
+        "exact_entropy",
+        "tau",
+        "abstain",
+        "target",
+    ):
         assert name in rows[0], name
     for r in rows:
         assert len(r[col.SAMPLES]) == len(r[col.CLUSTER_IDS]) == len(r[col.SAMPLE_LOGPROBS]) == 10
@@ -60,11 +72,23 @@ def test_label_64_questions(engine, nq_dev, tmp_path):
 
 def test_sigkill_mid_run_then_resume_labels_every_id_once(engine, nq_dev, tmp_path):
     out = tmp_path / "out"
-    args = ["label", "--input", str(nq_dev), "--output", str(out),
-            *_sets("data.limit=24", "sampling.batch_size=4", "labeling.write_batch_size=4",
-                   "entailment.batch_size=4", "sampling.num_samples=4")]
-    proc = subprocess.Popen([SE_RAY_BIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ})
+    args = [
+        "label",
+        "--input",
+        str(nq_dev),
+        "--output",
+        str(out),
+        *_sets(
+            "data.limit=24",
+            "sampling.batch_size=4",
+            "labeling.write_batch_size=4",
+            "entailment.batch_size=4",
+            "sampling.num_samples=4",
+        ),
+    ]
+    proc = subprocess.Popen(
+        [SE_RAY_BIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ}
+    )
     labels = out / "labels"
     deadline = time.monotonic() + 600
     try:
@@ -89,14 +113,19 @@ def test_sigkill_mid_run_then_resume_labels_every_id_once(engine, nq_dev, tmp_pa
 
 def test_broken_rows_go_to_rejects_and_the_rest_is_labeled(engine, tmp_path):
     src = tmp_path / "broken.jsonl"
-    src.write_text("\n".join([
-        '{"id": "ok1", "question": "who wrote hamlet", "answer": ["Shakespeare"]}',
-        "{not json",
-        '{"id": "nq", "answer": ["x"]}',
-        '{"id": "ok1", "question": "duplicate id"}',
-        '{"id": "ok2", "question": "what is the capital of france"}',
-        '{"id": "e", "question": ""}',
-    ]) + "\n")
+    src.write_text(
+        "\n".join(
+            [
+                '{"id": "ok1", "question": "who wrote hamlet", "answer": ["Shakespeare"]}',
+                "{not json",
+                '{"id": "nq", "answer": ["x"]}',
+                '{"id": "ok1", "question": "duplicate id"}',
+                '{"id": "ok2", "question": "what is the capital of france"}',
+                '{"id": "e", "question": ""}',
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "out"
     res = run_cli("label", "--input", str(src), "--output", str(out), *_sets("sampling.num_samples=3"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -117,11 +146,13 @@ def test_llm_judge_through_the_engine(engine, ray_address):
 
     cfg = test_config("entailment.judge=llm", "entailment.model=")
     stage = EntropyStage(cfg.entailment, engine)
-    batch = pa.table({
-        col.QUESTION: ["what is the capital of france"],
-        col.SAMPLES: [["Paris", "Paris, France", "Lyon", "paris"]],
-        col.SAMPLE_LOGPROBS: [[-0.5, -0.7, -2.0, -0.6]],
-    })
+    batch = pa.table(
+        {
+            col.QUESTION: ["what is the capital of france"],
+            col.SAMPLES: [["Paris", "Paris, France", "Lyon", "paris"]],
+            col.SAMPLE_LOGPROBS: [[-0.5, -0.7, -2.0, -0.6]],
+        }
+    )
     row = stage(batch).to_pylist()[0]
     assert row[col.CLUSTER_IDS][0] == row[col.CLUSTER_IDS][3]  # identical after normalisation
     assert row[col.SEMANTIC_ENTROPY] == entropy.discrete_semantic_entropy(row[col.CLUSTER_IDS])

@@ -14,8 +14,16 @@ def test_defaults_are_the_cpu_quickstart():
 
 
 def test_dotted_overrides_are_parsed_as_yaml_scalars():
-    cfg = load_config(None, ["data.limit=64", "sampling.answer_style=sentence", "labeling.tau=0.5",
-                             "sampling.stop=[]", "entailment.judge=nli"])
+    cfg = load_config(
+        None,
+        [
+            "data.limit=64",
+            "sampling.answer_style=sentence",
+            "labeling.tau=0.5",
+            "sampling.stop=[]",
+            "entailment.judge=nli",
+        ],
+    )
     assert cfg.data.limit == 64
     assert cfg.sampling.answer_style == "sentence"
     assert cfg.labeling.tau == 0.5
@@ -26,7 +34,10 @@ def test_dotted_overrides_are_parsed_as_yaml_scalars():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("sampling.num_samples=0", "config key sampling.num_samples: Input should be greater than or equal to 1 (got 0)"),
+        (
+            "sampling.num_samples=0",
+            "config key sampling.num_samples: Input should be greater than or equal to 1 (got 0)",
+        ),
         ("sampling.answer_style=long", "config key sampling.answer_style"),
         ("labeling.tau=-1", "config key labeling.tau"),
         ("entailment.judge=gpt4", "config key entailment.judge"),

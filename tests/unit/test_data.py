@@ -17,7 +17,7 @@ BROKEN = [
     '{"id": "d", "question": 42}',
     '{"id": "e", "question": "ok?", "references": [1, 2]}',
     '{"id": "f", "question": "ok?", "context": 3}',
-    '[1, 2, 3]',
+    "[1, 2, 3]",
     '{"id": ["x"], "question": "list id"}',
     '{"question": "no id here", "references": ["x"]}',
     '{"id": 7, "question": "integer id", "references": "single"}',
@@ -98,7 +98,10 @@ def test_svamp_adapter():
 
 def test_parquet_input(tmp_path):
     table = pa.Table.from_pylist(
-        [{"id": "p1", "question": "q1", "references": ["r"]}, {"id": "p2", "question": "", "references": None}]
+        [
+            {"id": "p1", "question": "q1", "references": ["r"]},
+            {"id": "p2", "question": "", "references": None},
+        ]
     )
     pq.write_table(table, tmp_path / "q.parquet")
     loaded = load_questions(str(tmp_path / "q.parquet"), DataConfig())
@@ -109,7 +112,9 @@ def test_parquet_input(tmp_path):
 def test_hf_dataset_from_disk(tmp_path):
     import datasets
 
-    ds = datasets.Dataset.from_list([{"question": "hf q", "answer": ["x"]}, {"question": "hf q2", "answer": ["y"]}])
+    ds = datasets.Dataset.from_list(
+        [{"question": "hf q", "answer": ["x"]}, {"question": "hf q2", "answer": ["y"]}]
+    )
     ds.save_to_disk(str(tmp_path / "hf"))
     loaded = load_questions(str(tmp_path / "hf"), DataConfig(format="hf"))
     assert [r["question"] for r in loaded.rows] == ["hf q", "hf q2"]

@@ -54,8 +54,13 @@ def tiny_nli(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-deberta")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:all-minilm-l6-v2"))
     config = DebertaV2Config(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512, num_labels=3,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=3,
         id2label={0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"},
         label2id={"CONTRADICTION": 0, "NEUTRAL": 1, "ENTAILMENT": 2},
     )
@@ -98,7 +103,9 @@ def test_embedding_judge_clusters_paraphrases(embedding_judge):
     assert len(set(ids)) >= 2
     assert ids[3] != ids[0] and ids[5] != ids[0]
     # No query compares two answers that normalise to the same text, and no pair is asked twice.
-    keys = [(entropy.normalize_answer(x.premise), entropy.normalize_answer(x.hypothesis)) for x in judge.asked]
+    keys = [
+        (entropy.normalize_answer(x.premise), entropy.normalize_answer(x.hypothesis)) for x in judge.asked
+    ]
     assert all(a != b for a, b in keys)
     assert len(keys) == len(set(keys))
 
@@ -119,31 +126,39 @@ def test_clustering_matches_the_reference_loop_on_a_real_judge(embedding_judge):
     def equivalent(i, j):
         if entropy.normalize_answer(answers[i]) == entropy.normalize_answer(answers[j]):
             return True
-        f, b = embedding_judge.implications([Query(q, answers[i], answers[j]), Query(q, answers[j], answers[i])])
+        f, b = embedding_judge.implications(
+            [Query(q, answers[i], answers[j]), Query(q, answers[j], answers[i])]
+        )
         return are_equivalent(f, b, strict=True)
 
     assert batched == entropy.semantic_ids(len(answers), equivalent)
 
 
 def _batch(questions, samples):
-    return pa.table({
-        col.ID: [f"q{i}" for i in range(len(questions))],
-        col.QUESTION: questions,
-        col.SAMPLES: samples,
-        col.SAMPLE_LOGPROBS: [[-1.0 - 0.1 * k for k in range(len(s))] for s in samples],
-    })
+    return pa.table(
+        {
+            col.ID: [f"q{i}" for i in range(len(questions))],
+            col.QUESTION: questions,
+            col.SAMPLES: samples,
+            col.SAMPLE_LOGPROBS: [[-1.0 - 0.1 * k for k in range(len(s))] for s in samples],
+        }
+    )
 
 
 def test_entropy_stage_adds_consistent_columns():
     stage = EntropyStage(EntailmentConfig())
-    out = stage(_batch(["who wrote hamlet", "capital of peru"],
-                       [["Shakespeare"] * 4, ["Lima", "Cusco", "Lima", "Quito"]]))
+    out = stage(
+        _batch(
+            ["who wrote hamlet", "capital of peru"], [["Shakespeare"] * 4, ["Lima", "Cusco", "Lima", "Quito"]]
+        )
+    )
     rows = out.to_pylist()
     assert rows[0][col.CLUSTER_IDS] == [0, 0, 0, 0] and rows[0][col.SEMANTIC_ENTROPY] == 0.0
     for row in rows:
         assert row[col.SEMANTIC_ENTROPY] == entropy.discrete_semantic_entropy(row[col.CLUSTER_IDS])
         assert row[col.REGULAR_SEMANTIC_ENTROPY] == pytest.approx(
-            entropy.regular_semantic_entropy(row[col.CLUSTER_IDS], row[col.SAMPLE_LOGPROBS]))
+            entropy.regular_semantic_entropy(row[col.CLUSTER_IDS], row[col.SAMPLE_LOGPROBS])
+        )
         assert row[col.EXACT_ENTROPY] == entropy.exact_entropy(row[col.SAMPLES])
     assert rows[0][col.ENTAILMENT_CALLS] == rows[1][col.ENTAILMENT_CALLS] > 0
 
