@@ -800,7 +800,7 @@ def train_job(cfg: JobConfig, labels: str, output: str, resume: bool = False) ->
             )
         logger.info("resuming the run in %s from its checkpoint at step %d", run_path, prior_step)
     elif resume:
-        logger.warning("nothing to resume in %s: starting a fresh run", run_path)
+        logger.info("nothing to resume in %s: starting a fresh run", run_path)
     out_fs.create_dir(out_path, recursive=True)
     logger.info(
         "train: %d labels rows from %s -> %d steps (%d epochs x %d), %s ZeRO-%d on %d workers",
