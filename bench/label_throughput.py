@@ -278,8 +278,8 @@ def worker_reference(spec: dict[str, Any]) -> dict[str, Any]:
     gen_s = entail_s = 0.0
     abstained = 0
     loop_started = time.perf_counter()
-    rows = _questions(spec)
-    for row in rows:
+    rows = _questions(spec)[: spec.get("reference_limit") or None]
+    for done, row in enumerate(rows, 1):
         t0 = time.perf_counter()
         prompt = render_prompt(tokenizer, row["question"], s.answer_style)
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -291,6 +291,8 @@ def worker_reference(spec: dict[str, Any]) -> dict[str, Any]:
         abstained += entropy.label_with_threshold(entropy.discrete_semantic_entropy(ids), cfg.labeling.tau)
         t2 = time.perf_counter()
         gen_s, entail_s = gen_s + t1 - t0, entail_s + t2 - t1
+        elapsed = time.perf_counter() - loop_started
+        print(f"reference: {done}/{len(rows)} questions, {elapsed:.1f} s", flush=True)
     loop_s = time.perf_counter() - loop_started
     return {
         "questions": len(rows),
@@ -586,6 +588,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--early-stop-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for the early-stop part only (repeatable)")
     p.add_argument("--ray-address", help="run the se-ray parts on this Ray cluster, not a fresh local one")
+    p.add_argument("--reference-limit", type=int, help="the slow reference loop: only the first N questions")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per part")
     p.add_argument("--workdir", help="keep spec, logs and labels here (default: a temporary folder)")
     p.add_argument("--note", default="", help="free text stored in the JSON line")
@@ -618,6 +621,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = {
         "config": args.config,
         "input": str(questions_path),
+        "reference_limit": args.reference_limit,
         "overrides": [*overrides, "data.format=jsonl", "data.limit=null"]
         + ([f"ray.address={args.ray_address}"] if args.ray_address else []),
     }
@@ -629,6 +633,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "git": git_commit(),
         "input": args.input,
         "questions": n,
+        "reference_limit": args.reference_limit,
         "num_samples": args.num_samples,
         "max_tokens": args.max_tokens,
         "tau": cfg.labeling.tau,
