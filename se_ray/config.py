@@ -99,7 +99,13 @@ class EntailmentConfig(_Section):
     strict: bool = Field(True, description="Both directions must entail (the paper); lax otherwise.")
     batch_size: int = Field(16, ge=1, description="Questions per stage call.")
     model_batch_size: int = Field(64, ge=1, description="Texts or pairs per model forward.")
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(1, ge=1, description="Entailment actors (the pool's minimum with max_actors).")
+    max_actors: int | None = Field(
+        None,
+        ge=1,
+        description="Autoscaling pool: Ray Data grows it from num_actors up to this when batches queue "
+        "(a cluster autoscaler then adds the nodes its GPUs need); None keeps num_actors fixed.",
+    )
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     device: str = Field("auto", description="torch device for the NLI/embedding model.")
@@ -212,6 +218,11 @@ class JobConfig(_Section):
                 f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size*train.num_workers="
                 f"{self.train.micro_batch_size * self.train.num_workers}"
+            )
+        e = self.entailment
+        if e.max_actors is not None and e.max_actors < e.num_actors:
+            raise ValueError(
+                f"entailment.max_actors={e.max_actors} is below entailment.num_actors={e.num_actors}"
             )
         if self.sampling.early_stop and self.labeling.method != "semantic_entropy":
             raise ValueError("sampling.early_stop=true needs labeling.method=semantic_entropy")

@@ -355,7 +355,7 @@ def add_entropy_stage(ds, cfg: EntailmentConfig, engines: EnginePool | None = No
         EntropyStage,
         fn_constructor_kwargs={"cfg": cfg, "engines": engines},
         batch_size=cfg.batch_size,
-        concurrency=cfg.num_actors,
+        concurrency=cfg.num_actors if cfg.max_actors is None else (cfg.num_actors, cfg.max_actors),
         batch_format="pyarrow",
         **resources,
     )

@@ -590,7 +590,7 @@ def _label_stage(
         split_key,
         cfg.sampling.model_dump(exclude=operational),
         cfg.entailment.model_dump(
-            exclude={"batch_size", "model_batch_size", "num_actors", "num_cpus", "num_gpus"}
+            exclude={"batch_size", "model_batch_size", "num_actors", "max_actors", "num_cpus", "num_gpus"}
         ),
     )
     stage = Stage(fs, folder, key)

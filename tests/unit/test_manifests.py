@@ -904,7 +904,8 @@ def engine_requests(cfg: JobConfig, node: NodeType, pool: str = "engine") -> lis
 def nli_requests(cfg: JobConfig) -> list[Request]:
     e = cfg.entailment
     mem = nli_gb(e.model, e.model_batch_size, cfg.sampling.max_tokens) if e.num_gpus else 0.0
-    return [Request("nli", e.num_cpus, e.num_gpus, mem)] * e.num_actors
+    # an autoscaling pool must fit at its largest
+    return [Request("nli", e.num_cpus, e.num_gpus, mem)] * (e.max_actors or e.num_actors)
 
 
 def judge_tp(cfg: JobConfig, node: NodeType) -> int:
