@@ -426,36 +426,11 @@ def worker_serray(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def worker_early_stop(spec: dict[str, Any]) -> dict[str, Any]:
-    """``worker_serray`` with ``sampling.early_stop=true``.
-
-    The early-stop sampler needs the judge config and τ; until ``label.py`` passes them to
-    ``add_sample_stage``, they are supplied here (a no-op once it does).
-    """
-    import se_ray.sample
-
-    cfg = _load_cfg(spec)
-    original = se_ray.sample.add_sample_stage
-    wired_here = []
-
-    def add_sample_stage(ds, sampling, engines, **kwargs):
-        if "entailment" not in kwargs:
-            wired_here.append(True)
-        kwargs.setdefault("entailment", cfg.entailment)
-        kwargs.setdefault("tau", cfg.labeling.tau)
-        return original(ds, sampling, engines, **kwargs)
-
-    se_ray.sample.add_sample_stage = add_sample_stage
-    result = worker_serray(spec)
-    result["early_stop_wired_by_bench"] = bool(wired_here)
-    return result
-
-
 WORKERS = {
     "reference": worker_reference,
     "raw": worker_raw,
     "serray": worker_serray,
-    "early_stop": worker_early_stop,
+    "early_stop": worker_serray,  # the same job; its spec adds sampling.early_stop=true
 }
 
 

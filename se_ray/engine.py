@@ -110,10 +110,16 @@ class LLMEngineActor:
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
         self.start_s = time.perf_counter() - started
+        self.ready_at = time.time()
         logger.info("vLLM engine for %s started in %.1f s", self.model_path, self.start_s)
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.model_path, "start_s": self.start_s, "pid": os.getpid()}
+        return {
+            "model": self.model_path,
+            "start_s": self.start_s,
+            "ready_at": self.ready_at,
+            "pid": os.getpid(),
+        }
 
     def _lora_request(self, adapter: str | None):
         if adapter is None:
@@ -179,9 +185,26 @@ class EnginePool:
     namespace: str
     actors: list[Any] = field(default_factory=list)
     owned: list[str] = field(default_factory=list)
+    requested_at: float = field(default_factory=time.time)
 
     def handles(self) -> list[Any]:
         return list(self.actors)
+
+    def wait_ready(self) -> list[dict[str, Any]]:
+        """Block until every engine has started; raises the error of one that failed to."""
+        import ray
+
+        infos = ray.get([h.info.remote() for h in self.actors])
+        logger.info(
+            "%d vLLM engine(s) ready (engine start %s s)",
+            len(infos),
+            ", ".join(f"{i['start_s']:.1f}" for i in infos),
+        )
+        return infos
+
+    def ready_after_s(self, infos: list[dict[str, Any]]) -> float:
+        """Seconds from the request to the last engine being ready (0 for engines already running)."""
+        return max(0.0, *(i["ready_at"] - self.requested_at for i in infos))
 
     def release(self) -> None:
         import ray
@@ -198,8 +221,14 @@ class EnginePool:
         self.actors = []
 
 
-def acquire_engines(cfg: SamplingConfig, ray_cfg: RayConfig, detached: bool = False) -> EnginePool:
-    """Reuse running engines with these settings, start the missing ones, wait until ready."""
+def acquire_engines(
+    cfg: SamplingConfig, ray_cfg: RayConfig, detached: bool = False, wait: bool = True
+) -> EnginePool:
+    """Reuse running engines with these settings, start the missing ones, wait until ready.
+
+    ``wait=False`` returns at once: calls queue behind the engines' start-up, so a caller can
+    start its other actors meanwhile (and ``wait_ready`` later for a clear start-up error).
+    """
     import ray
 
     pool = EnginePool(names=engine_names(cfg), namespace=ray_cfg.namespace)
@@ -226,16 +255,10 @@ def acquire_engines(cfg: SamplingConfig, ray_cfg: RayConfig, detached: bool = Fa
         if not detached:
             pool.owned.append(name)
         logger.info("starting vLLM engine %s for %s", name, cfg.model)
-    started = time.perf_counter()
-    try:
-        infos = ray.get([h.info.remote() for h in handles])
-    except Exception:
-        pool.release()
-        raise
-    logger.info(
-        "%d vLLM engine(s) ready after %.1f s (engine start %s s)",
-        len(handles),
-        time.perf_counter() - started,
-        ", ".join(f"{i['start_s']:.1f}" for i in infos),
-    )
+    if wait:
+        try:
+            pool.wait_ready()
+        except Exception:
+            pool.release()
+            raise
     return pool

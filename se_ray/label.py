@@ -140,21 +140,31 @@ def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], fs, labels_path: s
     from se_ray.sample import add_sample_stage
 
     ensure_ray(cfg.ray)
-    t_engine = time.perf_counter()
-    engines = acquire_engines(cfg.sampling, cfg.ray)
+    # Engines start without waiting: Ray Data starts its actors (the entailment model loads)
+    # meanwhile, and the first batch reaches the engine the moment it is ready.
+    engines = acquire_engines(cfg.sampling, cfg.ray, wait=False)
     pools = [engines]
     judge_engines = None
     if cfg.entailment.judge == "llm":
         judge_cfg = judge_engine_config(cfg.entailment, cfg.sampling)
-        judge_engines = engines if judge_cfg is cfg.sampling else acquire_engines(judge_cfg, cfg.ray)
-        pools.append(judge_engines)
-    engine_ready_s = time.perf_counter() - t_engine
+        if judge_cfg is cfg.sampling:
+            judge_engines = engines
+        else:
+            judge_engines = acquire_engines(judge_cfg, cfg.ray, wait=False)
+            pools.append(judge_engines)
     try:
         size = cfg.sampling.batch_size
         table = pa.Table.from_pylist(todo, schema=question_schema())
         blocks = [table.slice(i, size) for i in range(0, table.num_rows, size)]
         ds = ray.data.from_arrow(blocks)
-        ds = add_sample_stage(ds, cfg.sampling, engines)
+        ds = add_sample_stage(
+            ds,
+            cfg.sampling,
+            engines,
+            entailment=cfg.entailment,
+            tau=cfg.labeling.tau,
+            judge_engines=judge_engines,
+        )
         ds = add_entropy_stage(ds, cfg.entailment, judge_engines)
         ds = ds.map_batches(
             apply_labels,
@@ -165,21 +175,27 @@ def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], fs, labels_path: s
         )
         done, calls, started = 0, 0.0, time.perf_counter()
         first_row_s = None
-        for batch in ds.iter_batches(batch_size=cfg.labeling.write_batch_size, batch_format="pyarrow"):
-            part = _conform(batch)
-            ids = part.column(col.ID).to_pylist()
-            write_parquet_atomic(fs, join(labels_path, part_name(ids)), part)
-            done += part.num_rows
-            calls += sum(part.column(col.ENTAILMENT_CALLS).to_pylist())
-            elapsed = time.perf_counter() - started
-            first_row_s = first_row_s or elapsed
-            logger.info(
-                "labeled %d/%d questions (%.2f q/s, %d abstain in this part)",
-                done,
-                len(todo),
-                done / elapsed,
-                sum(part.column(col.ABSTAIN).to_pylist()),
-            )
+        try:
+            for batch in ds.iter_batches(batch_size=cfg.labeling.write_batch_size, batch_format="pyarrow"):
+                part = _conform(batch)
+                ids = part.column(col.ID).to_pylist()
+                write_parquet_atomic(fs, join(labels_path, part_name(ids)), part)
+                done += part.num_rows
+                calls += sum(part.column(col.ENTAILMENT_CALLS).to_pylist())
+                elapsed = time.perf_counter() - started
+                first_row_s = first_row_s or elapsed
+                logger.info(
+                    "labeled %d/%d questions (%.2f q/s, %d abstain in this part)",
+                    done,
+                    len(todo),
+                    done / elapsed,
+                    sum(part.column(col.ABSTAIN).to_pylist()),
+                )
+        except Exception:
+            for pool in pools:
+                pool.wait_ready()  # an engine that failed to start is the error to report
+            raise
+        engine_ready_s = max(pool.ready_after_s(pool.wait_ready()) for pool in pools)
     finally:
         for pool in pools:
             pool.release()
