@@ -306,7 +306,15 @@ class EntropyStage:
 
     def __init__(self, cfg: EntailmentConfig, engines: EnginePool | None = None):
         self.cfg = cfg
-        self.judge = build_judge(cfg, engines)
+        self.engines = engines
+        self._judge: EntailmentJudge | None = None
+
+    @property
+    def judge(self) -> EntailmentJudge:
+        """Loaded at the first batch that needs it: early-stop batches arrive clustered."""
+        if self._judge is None:
+            self._judge = build_judge(self.cfg, self.engines)
+        return self._judge
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(batch, "entropy", (col.QUESTION, col.SAMPLES, col.SAMPLE_LOGPROBS))

@@ -239,16 +239,19 @@ def add_sample_stage(
     """Wire the stage: one UDF replica per engine; it only waits on its engine, so no CPU of its own.
 
     ``entailment``, ``tau`` (and ``judge_engines`` for an LLM judge on another model) are
-    needed with ``cfg.early_stop``; they are ignored otherwise.
+    needed with ``cfg.early_stop``; they are ignored otherwise. Early stop clusters between
+    its rounds, so it runs two replicas per engine: one's rounds fill the other's clustering.
     """
     kwargs: dict[str, Any] = {"cfg": cfg, "engines": engines}
+    replicas_per_engine = 1
     if cfg.early_stop:
         kwargs.update(entailment=entailment, tau=tau, judge_engines=judge_engines)
+        replicas_per_engine = 2
     return ds.map_batches(
         SampleStage,
         fn_constructor_kwargs=kwargs,
         batch_size=cfg.batch_size,
-        concurrency=len(engines.names),
+        concurrency=len(engines.names) * replicas_per_engine,
         num_cpus=0,
         batch_format="pyarrow",
     )
