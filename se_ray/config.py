@@ -256,7 +256,9 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "config"
+    if not first["loc"]:  # a cross-field rule: its message names the keys
+        return "config: " + first["msg"].removeprefix("Value error, ")
+    key = ".".join(str(p) for p in first["loc"])
     value = first.get("input")
     if first["type"] == "extra_forbidden":
         return f"config key {key}: unknown key"

@@ -89,6 +89,10 @@ def test_override_syntax():
 def test_cross_field_validation():
     with pytest.raises(ConfigError, match="global_batch_size"):
         load_config(None, ["train.global_batch_size=5", "train.micro_batch_size=2"])
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["entailment.num_actors=2", "entailment.max_actors=1"])
+    assert str(info.value) == "config: entailment.max_actors=1 is below entailment.num_actors=2"
+    assert load_config(None, ["entailment.max_actors=3"]).entailment.max_actors == 3
 
 
 def test_resolved_config_round_trips():
