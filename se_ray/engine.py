@@ -202,9 +202,9 @@ class EnginePool:
         )
         return infos
 
-    def ready_after_s(self, infos: list[dict[str, Any]]) -> float:
+    def ready_after_s(self) -> float:
         """Seconds from the request to the last engine being ready (0 for engines already running)."""
-        return max(0.0, *(i["ready_at"] - self.requested_at for i in infos))
+        return max(0.0, *(i["ready_at"] - self.requested_at for i in self.wait_ready()))
 
     def release(self) -> None:
         import ray

@@ -195,7 +195,7 @@ def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], fs, labels_path: s
             for pool in pools:
                 pool.wait_ready()  # an engine that failed to start is the error to report
             raise
-        engine_ready_s = max(pool.ready_after_s(pool.wait_ready()) for pool in pools)
+        engine_ready_s = max(pool.ready_after_s() for pool in pools)
     finally:
         for pool in pools:
             pool.release()
