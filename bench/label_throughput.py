@@ -217,7 +217,7 @@ def worker_reference(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from se_ray import entropy
-    from se_ray.entailment import Query, are_equivalent, build_judge
+    from se_ray.judges.entailment import Query, are_equivalent, build_judge
     from se_ray.models import resolve_model
     from se_ray.prompts import render_prompt
 
@@ -312,7 +312,7 @@ def worker_reference(spec: dict[str, Any]) -> dict[str, Any]:
 def worker_raw(spec: dict[str, Any]) -> dict[str, Any]:
     from se_ray.engine import LLMEngineActor
     from se_ray.prompts import question_messages
-    from se_ray.sample import sampling_params
+    from se_ray.stages.sample import sampling_params
 
     cfg = _load_cfg(spec)
     s = cfg.sampling

@@ -1,10 +1,18 @@
-"""Column names of the datasets se-ray reads and writes (one place, used everywhere)."""
+"""Column names and Arrow schemas of the tables se-ray reads and writes, and the two
+helpers every stage uses to add and check columns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
 
 # questions
 ID = "id"
 QUESTION = "question"
 REFERENCES = "references"
 CONTEXT = "context"
+ANSWERABLE = "answerable"  # optional; false marks a question about something that does not exist
 
 # sample stage
 SAMPLES = "samples"
@@ -28,26 +36,89 @@ ABSTAIN = "abstain"
 TARGET = "target"
 LABEL_METHOD = "label_method"
 
-QUESTION_COLUMNS = (ID, QUESTION, REFERENCES, CONTEXT)
-LABEL_COLUMNS = (
-    ID,
-    QUESTION,
-    REFERENCES,
-    CONTEXT,
-    SAMPLES,
-    SAMPLE_LOGPROBS,
-    SAMPLE_LOGPROB_SUMS,
-    SAMPLE_TOKEN_COUNTS,
-    STANDARD_ANSWER,
-    STANDARD_LOGPROB,
-    NUM_GENERATED,
-    CLUSTER_IDS,
-    SEMANTIC_ENTROPY,
-    REGULAR_SEMANTIC_ENTROPY,
-    EXACT_ENTROPY,
-    ENTAILMENT_CALLS,
-    TAU,
-    ABSTAIN,
-    TARGET,
-    LABEL_METHOD,
+# evaluation results (results.parquet, beside the question columns)
+ANSWER = "answer"
+ABSTAINED = "abstained"
+CORRECT = "correct"
+JUDGE = "judge"
+
+_FLOATS, _INTS, _STRINGS = pa.list_(pa.float64()), pa.list_(pa.int64()), pa.list_(pa.string())
+
+QUESTION_FIELDS = (
+    (ID, pa.string()),
+    (QUESTION, pa.string()),
+    (REFERENCES, _STRINGS),
+    (CONTEXT, pa.string()),
 )
+SAMPLE_FIELDS = (
+    (SAMPLES, _STRINGS),
+    (SAMPLE_LOGPROBS, _FLOATS),
+    (SAMPLE_LOGPROB_SUMS, _FLOATS),
+    (SAMPLE_TOKEN_COUNTS, _INTS),
+    (STANDARD_ANSWER, pa.string()),
+    (STANDARD_LOGPROB, pa.float64()),
+    (NUM_GENERATED, pa.int64()),
+)
+ENTROPY_FIELDS = (
+    (CLUSTER_IDS, _INTS),
+    (SEMANTIC_ENTROPY, pa.float64()),
+    (REGULAR_SEMANTIC_ENTROPY, pa.float64()),
+    (EXACT_ENTROPY, pa.float64()),
+    (ENTAILMENT_CALLS, pa.float64()),
+)
+LABEL_FIELDS = (
+    (TAU, pa.float64()),
+    (ABSTAIN, pa.bool_()),
+    (TARGET, pa.string()),
+    (LABEL_METHOD, pa.string()),
+)
+RESULT_FIELDS = (
+    (ANSWER, pa.string()),
+    (ABSTAINED, pa.bool_()),
+    (CORRECT, pa.bool_()),
+    (JUDGE, pa.string()),
+)
+
+
+def question_schema() -> pa.Schema:
+    return pa.schema(QUESTION_FIELDS)
+
+
+def label_schema() -> pa.Schema:
+    """``labels/part-*.parquet``: the question, what the sample and entropy stages add, the label."""
+    return pa.schema(QUESTION_FIELDS + SAMPLE_FIELDS + ENTROPY_FIELDS + LABEL_FIELDS)
+
+
+def results_schema() -> pa.Schema:
+    """``results.parquet`` of an evaluation."""
+    return pa.schema(QUESTION_FIELDS[:3] + RESULT_FIELDS)
+
+
+def with_columns(table: pa.Table, columns: dict[str, tuple[list[Any], pa.DataType]]) -> pa.Table:
+    """``table`` plus (or with replaced) typed columns."""
+    for name, (values, dtype) in columns.items():
+        array = pa.array(values, type=dtype)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, array)
+        else:
+            table = table.append_column(name, array)
+    return table
+
+
+def require_columns(table: pa.Table | pa.Schema, where: str, names: tuple[str, ...] | list[str]) -> None:
+    """Raise naming ``where`` and the missing columns."""
+    present = table.names if isinstance(table, pa.Schema) else table.column_names
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise KeyError(f"{where} needs columns {missing}, got {present}")
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` cast to ``schema``; absent columns become typed nulls (all-null ones arrive as null)."""
+    arrays = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)

@@ -53,22 +53,28 @@ class DataConfig(_Section):
     context_field: str = "context"
 
 
-class SamplingConfig(_Section):
+# Marks a field that changes how a job runs (pool sizes, batch sizes, placement) but not its
+# results: resume keys (``results_key``) leave such fields out.
+OPERATIONAL = {"operational": True}
+
+
+def results_key(section: BaseModel) -> dict[str, Any]:
+    """A section's fields that decide results, for resume keys: all but the operational ones."""
+    skip = {
+        name
+        for name, field in type(section).model_fields.items()
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("operational")
+    }
+    return section.model_dump(mode="json", exclude=skip)
+
+
+class EngineConfig(_Section):
+    """What makes a vLLM engine what it is: a running engine with an equal EngineConfig is reused."""
+
     model: str = Field("builtin:smollm2-135m-instruct", description="Folder, hub id or builtin:<name>.")
-    num_samples: int = Field(10, ge=1, description="M high-temperature answers per question.")
-    temperature: float = Field(1.0, gt=0)
-    standard_temperature: float = Field(0.1, gt=0, description="Temperature of the standard answer.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1, description="-1 disables top-k.")
-    max_tokens: int = Field(32, ge=1)
-    answer_style: Literal["short", "sentence"] = "short"
-    stop: list[str] = Field(default_factory=lambda: ["\n"])
     seed: int = 0
-    batch_size: int = Field(16, ge=1, description="Questions per engine call.")
-    num_engines: int = Field(1, ge=1, description="vLLM engine actors (one per GPU or TP group).")
-    num_cpus_per_engine: float = Field(1.0, ge=0)
-    num_gpus_per_engine: float = Field(0.0, ge=0)
-    tensor_parallel_size: int = Field(1, ge=1)
+    num_gpus_per_engine: float = Field(0.0, ge=0, json_schema_extra=OPERATIONAL)
+    tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=OPERATIONAL)
     dtype: str = Field("auto", description="auto: bf16 on GPU and on CPUs with bf16 units, else float32.")
     enforce_eager: bool = Field(
         True,
@@ -77,15 +83,41 @@ class SamplingConfig(_Section):
     )
     max_model_len: int = Field(1024, ge=16)
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="GPU only; CPU uses kv_cache_space_gb."
+        0.9, gt=0, le=1, description="GPU only; CPU uses kv_cache_space_gb.", json_schema_extra=OPERATIONAL
     )
-    kv_cache_space_gb: float = Field(2.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    kv_cache_space_gb: float = Field(
+        2.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE).", json_schema_extra=OPERATIONAL
+    )
     enable_lora: bool = False
     max_lora_rank: int = Field(8, ge=1)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM arguments.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment of the engine actors.", json_schema_extra=OPERATIONAL
+    )
+
+
+class SamplingConfig(EngineConfig):
+    """The engine (inherited fields), its pool, and the per-request sampling settings."""
+
+    num_samples: int = Field(10, ge=1, description="M high-temperature answers per question.")
+    temperature: float = Field(1.0, gt=0)
+    standard_temperature: float = Field(0.1, gt=0, description="Temperature of the standard answer.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="-1 disables top-k.")
+    max_tokens: int = Field(32, ge=1)
+    answer_style: Literal["short", "sentence"] = "short"
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
+    batch_size: int = Field(16, ge=1, description="Questions per engine call.", json_schema_extra=OPERATIONAL)
+    num_engines: int = Field(
+        1, ge=1, description="vLLM engine actors (one per GPU or TP group).", json_schema_extra=OPERATIONAL
+    )
+    num_cpus_per_engine: float = Field(1.0, ge=0, json_schema_extra=OPERATIONAL)
     early_stop: bool = Field(False, description="Sample in rounds; stop once the label at tau is fixed.")
     early_stop_round: int = Field(4, ge=1, description="Samples per round with early_stop.")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM arguments.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment of the engine actors.")
+
+    @property
+    def engine(self) -> EngineConfig:
+        return EngineConfig.model_validate(self.model_dump(include=set(EngineConfig.model_fields)))
 
 
 class EntailmentConfig(_Section):
@@ -97,17 +129,25 @@ class EntailmentConfig(_Section):
     similarity_threshold: float = Field(0.85, ge=-1, le=1, description="Embedding judge: cosine to entail.")
     condition_on_question: bool = True
     strict: bool = Field(True, description="Both directions must entail (the paper); lax otherwise.")
-    batch_size: int = Field(16, ge=1, description="Questions per stage call.")
-    model_batch_size: int = Field(64, ge=1, description="Texts or pairs per model forward.")
-    num_actors: int = Field(1, ge=1, description="Entailment actors (the pool's minimum with max_actors).")
+    batch_size: int = Field(16, ge=1, description="Questions per stage call.", json_schema_extra=OPERATIONAL)
+    model_batch_size: int = Field(
+        64, ge=1, description="Texts or pairs per model forward.", json_schema_extra=OPERATIONAL
+    )
+    num_actors: int = Field(
+        1,
+        ge=1,
+        description="Entailment actors (the pool's minimum with max_actors).",
+        json_schema_extra=OPERATIONAL,
+    )
     max_actors: int | None = Field(
         None,
         ge=1,
         description="Autoscaling pool: Ray Data grows it from num_actors up to this when batches queue "
         "(a cluster autoscaler then adds the nodes its GPUs need); None keeps num_actors fixed.",
+        json_schema_extra=OPERATIONAL,
     )
-    num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.5, ge=0, json_schema_extra=OPERATIONAL)
+    num_gpus: float = Field(0.0, ge=0, json_schema_extra=OPERATIONAL)
     device: str = Field("auto", description="torch device for the NLI/embedding model.")
     llm_max_tokens: int = Field(30, ge=1)
     llm_temperature: float = Field(0.02, gt=0)
@@ -153,7 +193,11 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    judge: Literal["f1", "exact", "llm"] = "f1"
+    judge: Literal["contains", "f1", "exact", "llm"] = Field(
+        "contains",
+        description="contains: a reference occurs as whole tokens in the answer (no hedging); f1: max "
+        "SQuAD F1 >= f1_threshold; exact: normalised match or containment; llm: the reference yes/no prompt.",
+    )
     f1_threshold: float = Field(0.5, ge=0, le=1)
     judge_model: str = Field("", description="LLM judge model; '' means the sampling model.")
     bootstrap_samples: int = Field(1000, ge=0)
@@ -162,12 +206,13 @@ class EvalConfig(_Section):
     judge_retry_temperature: float = Field(
         1.0, gt=0, description="LLM judge: one retry when the reply holds neither yes nor no."
     )
-    judge_max_tokens: int = Field(10, ge=1, description="LLM judge: reply length (only its start is read).")
+    judge_max_tokens: int = Field(10, ge=1, description="LLM judge: reply length (the whole reply is read).")
     judge_tensor_parallel_size: int | None = Field(
         None,
         ge=1,
         description="Tensor parallelism of a separate judge model's engine (judge_model set); "
         "None: sampling.tensor_parallel_size.",
+        json_schema_extra=OPERATIONAL,
     )
 
 

@@ -12,31 +12,15 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from se_ray.config import RayConfig, SamplingConfig
+from se_ray.config import EngineConfig, JobConfig, RayConfig, SamplingConfig
 from se_ray.models import resolve_model
 
 logger = logging.getLogger(__name__)
-
-# Settings that change the engine itself; per-request ones (temperature, n, ...) do not.
-_ENGINE_FIELDS = (
-    "model",
-    "dtype",
-    "enforce_eager",
-    "max_model_len",
-    "tensor_parallel_size",
-    "seed",
-    "enable_lora",
-    "max_lora_rank",
-    "gpu_memory_utilization",
-    "kv_cache_space_gb",
-    "engine_kwargs",
-    "num_gpus_per_engine",
-    "env",
-)
 
 
 def cpu_has_bf16() -> bool:
@@ -59,9 +43,42 @@ def resolve_dtype(dtype: str) -> str:
     return "float32"
 
 
-def engine_digest(cfg: SamplingConfig) -> str:
-    key = json.dumps({f: getattr(cfg, f) for f in _ENGINE_FIELDS}, sort_keys=True, default=str)
+def engine_digest(cfg: EngineConfig) -> str:
+    """The engine's identity: its whole EngineConfig (a SamplingConfig's engine part)."""
+    engine = cfg.engine if isinstance(cfg, SamplingConfig) else cfg
+    key = json.dumps(engine.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def request_params(
+    n: int,
+    temperature: float,
+    max_tokens: int,
+    stop: list[str] | None = None,
+    top_p: float = 1.0,
+    top_k: int = -1,
+) -> dict[str, Any]:
+    """``vllm.SamplingParams`` keyword arguments of one request (every caller builds them here)."""
+    return dict(
+        n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=list(stop or [])
+    )
+
+
+def judge_engine_config(
+    model: str, generation: SamplingConfig, tensor_parallel_size: int | None = None
+) -> SamplingConfig:
+    """The engine an LLM judge (entailment or correctness) runs on: the generation engine when
+    ``model`` is empty or is its model, else a one-engine copy for ``model`` without LoRA."""
+    if not model or model == generation.model:
+        return generation
+    return generation.model_copy(
+        update={
+            "model": model,
+            "enable_lora": False,
+            "num_engines": 1,
+            "tensor_parallel_size": tensor_parallel_size or generation.tensor_parallel_size,
+        }
+    )
 
 
 def engine_names(cfg: SamplingConfig) -> list[str]:
@@ -83,7 +100,7 @@ class Completion:
 class LLMEngineActor:
     """One vLLM engine (one GPU, a tensor-parallel group, or the CPU build)."""
 
-    def __init__(self, cfg: SamplingConfig):
+    def __init__(self, cfg: EngineConfig):
         started = time.perf_counter()
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.update(cfg.env)
@@ -128,6 +145,12 @@ class LLMEngineActor:
 
         lora_id = self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1)
         return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
+
+    def one(self) -> EnginePool:
+        """A view on the next engine alone (owning nothing): for calls that must share its cache."""
+        k = self._cursor % len(self.actors)
+        self._cursor += 1
+        return EnginePool(names=[self.names[k]], namespace=self.namespace, actors=[self.actors[k]])
 
     def chat(
         self,
@@ -187,8 +210,42 @@ class EnginePool:
     owned: list[str] = field(default_factory=list)
     requested_at: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        self._cursor = random.randrange(1 << 16)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Each process holding a copy (e.g. one Ray Data replica per engine) starts its
+        # round-robin at its own engine.
+        self.__dict__.update(state)
+        self._cursor = random.randrange(1 << 16)
+
     def handles(self) -> list[Any]:
         return list(self.actors)
+
+    def chat(
+        self,
+        conversations: list[list[dict[str, str]]],
+        params: dict[str, Any] | list[dict[str, Any]],
+        adapter: str | None = None,
+        batch_size: int | None = None,
+    ) -> list[list[Completion]]:
+        """Completions per conversation; chunks of ``batch_size`` (default: all in one call) spread
+        round-robin over the engines. ``params``: one dict for all, or one per conversation."""
+        import ray
+
+        if not self.actors:
+            raise RuntimeError("the engine pool holds no engines")
+        if not conversations:
+            return []
+        per = params if isinstance(params, list) else [params] * len(conversations)
+        size = batch_size or len(conversations)
+        futures = []
+        for start in range(0, len(conversations), size):
+            engine = self.actors[self._cursor % len(self.actors)]
+            self._cursor += 1
+            end = start + size
+            futures.append(engine.chat.remote(conversations[start:end], per[start:end], adapter))
+        return [completions for result in ray.get(futures) for completions in result]
 
     def wait_ready(self) -> list[dict[str, Any]]:
         """Block until every engine has started; raises the error of one that failed to."""
@@ -251,7 +308,7 @@ def acquire_engines(
         )
         if detached:
             options["lifetime"] = "detached"
-        handles.append(ray.remote(LLMEngineActor).options(**options).remote(cfg))
+        handles.append(ray.remote(LLMEngineActor).options(**options).remote(cfg.engine))
         if not detached:
             pool.owned.append(name)
         logger.info("starting vLLM engine %s for %s", name, cfg.model)
@@ -262,3 +319,72 @@ def acquire_engines(
             pool.release()
             raise
     return pool
+
+
+class Engines:
+    """The engine pools one job uses, acquired on first use and released together (only the
+    engines started here are stopped). A context manager for label, evaluate and run."""
+
+    def __init__(self, cfg: JobConfig, generation: SamplingConfig | None = None):
+        self.cfg = cfg
+        self.generation_cfg = generation or cfg.sampling
+        self._pools: dict[str, EnginePool] = {}
+
+    def __enter__(self) -> Engines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def pool(self, engine_cfg: SamplingConfig, wait: bool = True) -> EnginePool:
+        from se_ray.runtime import ensure_ray
+
+        digest = engine_digest(engine_cfg)
+        if digest not in self._pools:
+            ensure_ray(self.cfg.ray)
+            self._pools[digest] = acquire_engines(engine_cfg, self.cfg.ray, wait=wait)
+        return self._pools[digest]
+
+    def generation(self, wait: bool = True) -> EnginePool:
+        return self.pool(self.generation_cfg, wait)
+
+    def correctness_judge_cfg(self, generation: SamplingConfig | None = None) -> SamplingConfig:
+        e = self.cfg.eval
+        return judge_engine_config(
+            e.judge_model or self.cfg.sampling.model,
+            generation or self.generation_cfg,
+            e.judge_tensor_parallel_size,
+        )
+
+    def correctness_judge_pool(self, generation: SamplingConfig | None = None) -> EnginePool | None:
+        """The LLM correctness judge's engines (None for the judges that need no model)."""
+        if self.cfg.eval.judge != "llm":
+            return None
+        return self.pool(self.correctness_judge_cfg(generation))
+
+    def entailment_judge_pool(self, wait: bool = True) -> EnginePool | None:
+        """The LLM entailment judge's engines (None for the embedding/NLI/lexical judges)."""
+        e = self.cfg.entailment
+        if e.judge != "llm":
+            return None
+        model = "" if e.model.startswith("builtin:all-minilm") else e.model
+        return self.pool(judge_engine_config(model, self.generation_cfg), wait)
+
+    def ready_after_s(self) -> float:
+        return max((p.ready_after_s() for p in self._pools.values()), default=0.0)
+
+    def wait_ready(self) -> None:
+        for p in self._pools.values():
+            p.wait_ready()
+
+    def release_one(self, engine_cfg: SamplingConfig) -> None:
+        """Stop one pool (not the generation engine, which the job keeps to the end)."""
+        if engine_digest(engine_cfg) != engine_digest(self.generation_cfg):
+            pool = self._pools.pop(engine_digest(engine_cfg), None)
+            if pool is not None:
+                pool.release()
+
+    def release(self) -> None:
+        for pool in self._pools.values():
+            pool.release()
+        self._pools.clear()

@@ -44,6 +44,12 @@ def normalize_answer(text: str) -> str:
 # ---------------------------------------------------------------------------- clustering
 
 
+def surface_key(text: str) -> str:
+    """Answers with equal keys are the same text (case and whitespace aside): merged without a
+    judge. Stricter than ``normalize_answer``, which would merge "-40" with "40"."""
+    return " ".join(text.lower().split())
+
+
 def greedy_rounds(n: int) -> Generator[list[tuple[int, int]], list[bool], list[int]]:
     """Greedy semantic clustering of ``n`` answers as a coroutine.
 

@@ -7,6 +7,7 @@ accuracy-engagement distance (AED) of Tjandra et al. 2024 with a bootstrap inter
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ __all__ = [
     "METRICS",
     "ModelScores",
     "aed",
+    "oracle_aed",
     "bootstrap_interval",
+    "contains_correct",
     "contains_match",
     "exact_match",
     "is_abstention",
@@ -33,8 +36,24 @@ __all__ = [
 DEFAULT_ABSTENTION_TEXT = "I don't know the answer."
 # Normalised forms: punctuation (the apostrophe too) is dropped, so "don't" becomes "dont".
 _ABSTENTION_PHRASES = (("i", "dont", "know"), ("i", "do", "not", "know"))
-# The reference judges read only the start of the reply (jlko's LLM entailment uses [:30]).
-_JUDGE_REPLY_CHARS = 30
+# Words after "I don't know" that show the answer still commits to a candidate
+# ("I don't know exactly, but it was 1066.").
+_COMMITTING_WORDS = frozenset(
+    {
+        "but",
+        "however",
+        "though",
+        "although",
+        "think",
+        "believe",
+        "guess",
+        "probably",
+        "perhaps",
+        "maybe",
+        "likely",
+        "possibly",
+    }
+)
 METRICS = ("aed", "accuracy", "engagement")
 
 
@@ -47,14 +66,18 @@ def _ascii_apostrophes(text: str) -> str:
 
 
 def is_abstention(answer: str, abstention_text: str = DEFAULT_ABSTENTION_TEXT) -> bool:
-    """Whether an answer is an abstention: it starts (token-wise, after SQuAD normalisation)
-    with the configured text, "I don't know" or "I do not know"."""
+    """Whether an answer abstains: it starts (token-wise, after SQuAD normalisation) with the
+    configured text, "I don't know" or "I do not know", and does not go on to commit to a
+    candidate ("..., but it was 1066", "... I think it is Paris")."""
     tokens = normalize_answer(_ascii_apostrophes(answer)).split()
     phrases = list(_ABSTENTION_PHRASES)
     configured = tuple(normalize_answer(_ascii_apostrophes(abstention_text)).split())
     if configured:
         phrases.append(configured)
-    return any(tuple(tokens[: len(p)]) == p for p in phrases)
+    for phrase in phrases:
+        if tuple(tokens[: len(phrase)]) == phrase:
+            return not _COMMITTING_WORDS.intersection(tokens[len(phrase) :])
+    return False
 
 
 def squad_f1(prediction: str, reference: str) -> float:
@@ -96,18 +119,37 @@ def contains_match(prediction: str, references: Sequence[str]) -> bool:
     return False
 
 
+def names_several_candidates(prediction: str, references: Sequence[str]) -> bool:
+    """A hedge such as "Paris or Lyon": the answer joins alternatives with "or" (and no
+    reference itself does)."""
+    if any("or" in r.split() for r in _normalised_references(references)):
+        return False
+    return "or" in normalize_answer(prediction).split()
+
+
+def contains_correct(prediction: str, references: Sequence[str]) -> bool:
+    """The containment judge: a normalised reference occurs as whole tokens in the answer, and
+    the answer does not hedge between candidates."""
+    return contains_match(prediction, references) and not names_several_candidates(prediction, references)
+
+
 def parse_yes_no(reply: str) -> bool | None:
-    """Parse an LLM judge's reply as the reference code does: 'yes' anywhere in the
-    lowercased start of the reply wins, then 'no'; neither gives None."""
-    head = reply.strip().lower()[:_JUDGE_REPLY_CHARS]
-    if "yes" in head:
+    """Parse an LLM judge's reply as the reference code does, over the whole reply: 'yes'
+    anywhere wins, then 'no'; neither gives None. Whole words only, so "not" or "know" is no "no"."""
+    words = set(re.findall(r"[a-z]+", reply.lower()))
+    if "yes" in words:
         return True
-    if "no" in head:
+    if "no" in words:
         return False
     return None
 
 
 # ---------------------------------------------------------------------------- AED
+
+
+def _aed(num_questions, correct, incorrect):
+    # The one AED formula; numpy arrays of counts (the bootstrap) or plain numbers.
+    return np.sqrt((incorrect**2 + (num_questions - correct) ** 2) / (2 * num_questions**2))
 
 
 def aed(num_questions: int, correct: int, incorrect: int) -> float:
@@ -118,8 +160,12 @@ def aed(num_questions: int, correct: int, incorrect: int) -> float:
         raise ValueError(f"counts must be non-negative, got correct={correct}, incorrect={incorrect}")
     if correct + incorrect > num_questions:
         raise ValueError(f"correct + incorrect = {correct + incorrect} exceeds {num_questions} questions")
-    missing = num_questions - correct
-    return math.sqrt((incorrect**2 + missing**2) / (2 * num_questions**2))
+    return float(_aed(num_questions, correct, incorrect))
+
+
+def oracle_aed(num_questions: int, correct: int) -> float:
+    """AED of the oracle abstainer: it answers exactly the questions a model gets right."""
+    return aed(num_questions, correct, 0)
 
 
 @dataclass(frozen=True)
@@ -181,33 +227,44 @@ def score_answers(abstained: Sequence[bool], correct: Sequence[bool]) -> ModelSc
 
 
 def bootstrap_interval(
-    abstained: Sequence[bool],
-    correct: Sequence[bool],
+    abstained: Sequence[bool] | Sequence[Sequence[bool]],
+    correct: Sequence[bool] | Sequence[Sequence[bool]],
     metric: str = "aed",
     samples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of a metric, resampling questions with replacement."""
+    """Percentile bootstrap interval of a metric, resampling questions with replacement.
+
+    One model: flat flag lists. Several models answering the same questions (e.g. seeds): one
+    list per model; the questions are resampled jointly, so the interval is that of the mean."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if samples < 0:
         raise ValueError(f"samples must be non-negative, got {samples}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    answered, right = _validated(abstained, correct)
+    nested = len(abstained) > 0 and not isinstance(abstained[0], (bool, np.bool_))
+    models = list(zip(abstained, correct, strict=True)) if nested else [(abstained, correct)]
+    if nested and len(abstained) != len(correct):
+        raise ValueError("need one correctness list per abstention list")
+    flags = [_validated(a, c) for a, c in models]
+    n = len(flags[0][0])
+    if any(len(answered) != n for answered, _ in flags):
+        raise ValueError("every model must answer the same list of questions")
     if samples == 0:
         return math.nan, math.nan
-    n = len(answered)
     rows = np.random.default_rng(seed).integers(0, n, size=(samples, n))
-    num_answered = answered[rows].sum(axis=1)
-    num_correct = right[rows].sum(axis=1)
-    if metric == "accuracy":
-        values = num_correct / n
-    elif metric == "engagement":
-        values = num_answered / n
-    else:
-        values = np.sqrt(((num_answered - num_correct) ** 2 + (n - num_correct) ** 2) / (2 * n**2))
+    total = np.zeros(samples)
+    for answered, right in flags:
+        num_answered = answered[rows].sum(axis=1)
+        num_correct = right[rows].sum(axis=1)
+        if metric == "accuracy":
+            total += num_correct / n
+        elif metric == "engagement":
+            total += num_answered / n
+        else:
+            total += _aed(n, num_correct, num_answered - num_correct)
     tail = (1.0 - level) / 2.0
-    low, high = np.quantile(values, [tail, 1.0 - tail])
+    low, high = np.quantile(total / len(flags), [tail, 1.0 - tail])
     return float(low), float(high)

@@ -37,10 +37,31 @@ def bench_run(ray_address, engine, tmp_path_factory):
     out = work / "results.jsonl"
     overrides = [arg for o in ENGINE_OVERRIDES for arg in ("--set", o)]
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--questions", "2", "--num-samples", str(M), "--max-tokens", "8",
-         "--input", str(REPO / "se_ray" / "demo" / "nq_open_demo.jsonl"), "--ray-address", ray_address,
-         "--out", str(out), "--workdir", str(work / "run"), "--note", "smoke", *overrides],
-        capture_output=True, text=True, timeout=1500, cwd=REPO,
+        [
+            sys.executable,
+            str(BENCH),
+            "--questions",
+            "2",
+            "--num-samples",
+            str(M),
+            "--max-tokens",
+            "8",
+            "--input",
+            str(REPO / "se_ray" / "demo" / "nq_open_demo.jsonl"),
+            "--ray-address",
+            ray_address,
+            "--out",
+            str(out),
+            "--workdir",
+            str(work / "run"),
+            "--note",
+            "smoke",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = out.read_text().splitlines()
@@ -79,20 +100,27 @@ def test_early_stop_rule_never_contradicts_a_full_run(bench_run):
     record, work, _ = bench_run
     table = pq.read_table(work / "serray-out" / "labels")
     checked = 0
-    for ids, abstain, tau in zip(table.column(col.CLUSTER_IDS).to_pylist(),
-                                 table.column(col.ABSTAIN).to_pylist(),
-                                 table.column(col.TAU).to_pylist(), strict=True):
+    for ids, abstain, tau in zip(
+        table.column(col.CLUSTER_IDS).to_pylist(),
+        table.column(col.ABSTAIN).to_pylist(),
+        table.column(col.TAU).to_pylist(),
+        strict=True,
+    ):
         assert len(ids) == M
         for k in range(1, M):
             decided = entropy.label_is_decided(entropy.cluster_counts(ids[:k]), M - k, tau)
             if decided is not None:
                 assert decided == abstain
                 checked += 1
+    assert checked > 0, "no prefix of any question decided its label: the check compared nothing"
     early = pq.read_table(work / "early_stop-out" / "labels")
-    for ids, abstain, generated, tau in zip(early.column(col.CLUSTER_IDS).to_pylist(),
-                                            early.column(col.ABSTAIN).to_pylist(),
-                                            early.column(col.NUM_GENERATED).to_pylist(),
-                                            early.column(col.TAU).to_pylist(), strict=True):
+    for ids, abstain, generated, tau in zip(
+        early.column(col.CLUSTER_IDS).to_pylist(),
+        early.column(col.ABSTAIN).to_pylist(),
+        early.column(col.NUM_GENERATED).to_pylist(),
+        early.column(col.TAU).to_pylist(),
+        strict=True,
+    ):
         assert generated == len(ids) + 1
         if len(ids) < M:
             assert entropy.label_is_decided(entropy.cluster_counts(ids), M - len(ids), tau) == abstain

@@ -141,7 +141,7 @@ def test_llm_judge_through_the_engine(engine, ray_address):
     """The reference LLM entailment prompt, answered by the session's vLLM engine."""
     import pyarrow as pa
 
-    from se_ray.entailment import EntropyStage
+    from se_ray.stages.entropy import EntropyStage
     from tests.conftest import test_config
 
     cfg = test_config("entailment.judge=llm", "entailment.model=")

@@ -462,7 +462,8 @@ def test_paper_config_is_the_papers_setting():
     assert (t.lora_r, t.lora_target_modules, t.learning_rate) == (8, ["q_proj", "v_proj"], 3e-5)
     assert (t.global_batch_size, t.epochs, t.warmup_ratio) == (48, 7, 0.2)
     assert t.global_batch_size == t.micro_batch_size * t.num_workers  # no gradient accumulation
-    assert (cfg.eval.judge, cfg.eval.judge_model) == ("llm", "meta-llama/Meta-Llama-3-70B-Instruct")
+    assert (cfg.eval.judge, cfg.eval.judge_model) == ("llm", "meta-llama/Meta-Llama-3-8B-Instruct")  # A.2
+    assert judge_engine(cfg) is None  # the 8B judge shares the evaluation engines
     assert (cfg.split.train, cfg.split.validation) == (2000, 500)
     assert cfg.sweep.taus == [0.25 * i for i in range(1, 10)] and cfg.sweep.seeds == 3
 
@@ -908,11 +909,23 @@ def nli_requests(cfg: JobConfig) -> list[Request]:
     return [Request("nli", e.num_cpus, e.num_gpus, mem)] * (e.max_actors or e.num_actors)
 
 
+def judge_engine(cfg: JobConfig):
+    """The correctness judge's engine exactly as se-ray derives it (None: it shares the generation engine)."""
+    from se_ray.engine import Engines, engine_digest
+
+    engines = Engines(cfg)
+    judge = engines.correctness_judge_cfg()
+    return None if engine_digest(judge) == engine_digest(engines.generation_cfg) else judge
+
+
 def judge_tp(cfg: JobConfig, node: NodeType) -> int:
-    configured = getattr(cfg.eval, "judge_tensor_parallel_size", None)  # not a config key yet
-    needed = judge_tp_needed(cfg.eval.judge_model, node.gpu_mem_gb, cfg.sampling.max_model_len)
-    assert configured is None or configured >= needed, (configured, needed)
-    return configured or needed
+    """The judge engine's tensor parallelism as the code starts it; it must fit the node's GPUs."""
+    judge = judge_engine(cfg)
+    needed = judge_tp_needed(judge.model, node.gpu_mem_gb, judge.max_model_len)
+    assert judge.tensor_parallel_size >= needed, (
+        f"{judge.model} on {node.name}: tensor parallelism {judge.tensor_parallel_size} < {needed} needed"
+    )
+    return judge.tensor_parallel_size
 
 
 def stage_requests(cfg: JobConfig, node: NodeType) -> dict[str, list[Request]]:
@@ -920,10 +933,13 @@ def stage_requests(cfg: JobConfig, node: NodeType) -> dict[str, list[Request]]:
     t = cfg.train
     if t.use_gpu:
         stages["train"] = [Request("train", t.cpus_per_worker, 1, train_gb(cfg))] * t.num_workers
-    if cfg.eval.judge == "llm" and cfg.eval.judge_model:
-        tp = judge_tp(cfg, node)
-        judge = Request("judge", cfg.sampling.num_cpus_per_engine, tp, 0.9 * node.gpu_mem_gb)
-        stages["evaluate"] = engine_requests(cfg, node) + [judge]
+    if cfg.eval.judge == "llm":
+        stages["evaluate"] = engine_requests(cfg, node)
+        if judge_engine(cfg) is not None:
+            tp = judge_tp(cfg, node)
+            stages["evaluate"].append(
+                Request("judge", cfg.sampling.num_cpus_per_engine, tp, 0.9 * node.gpu_mem_gb)
+            )
     return stages
 
 
@@ -1006,7 +1022,7 @@ def test_gpu_memory_fits(config_name, source, node_name):
             )
     if "train" in PLANS[config_name]["stages"]:
         assert train_gb(cfg) <= 0.95 * mem, f"training needs {train_gb(cfg):.1f} GB on {node.gpu_model}"
-    if "evaluate" in PLANS[config_name]["stages"]:
+    if "evaluate" in PLANS[config_name]["stages"] and judge_engine(cfg) is not None:
         assert judge_tp(cfg, node) <= node.gpus, f"the judge does not fit one {node.name} node"
 
 
@@ -1029,6 +1045,18 @@ def test_memory_model_numbers():
     assert lora_params("meta-llama/Meta-Llama-3-8B-Instruct", 8, ["q_proj", "v_proj"]) == 3_407_872
     # A ZeRO-2 LoRA worker, micro batch 6 x 256 tokens: 16 GB weights + ~9 GB activations + logits
     assert train_gb(load_config(PAPER)) == pytest.approx(27.5, abs=0.5)
+
+
+def test_the_70b_judge_option_needs_its_tensor_parallelism():
+    """paper.yaml's documented 70B judge: with its TP it packs on an 8 x 80 GB node; at TP 1
+    (the key unset, sampling's TP) the code's own engine would not fit, and the plan says so."""
+    big = "eval.judge_model=meta-llama/Meta-Llama-3-70B-Instruct"
+    node = next(n for n in gpu_node_types() if n.gpus == 8 and n.gpu_mem_gb >= 80)
+    cfg = load_config(PAPER, [big, "eval.judge_tensor_parallel_size=4"])
+    assert judge_engine(cfg).tensor_parallel_size == 4 and judge_tp(cfg, node) == 4
+    assert len(place(stage_requests(cfg, node)["evaluate"], node)) >= 1
+    with pytest.raises(AssertionError, match="tensor parallelism 1 < 4"):
+        judge_tp(load_config(PAPER, [big, "eval.judge_tensor_parallel_size=null"]), node)
 
 
 def test_packing_model_is_not_vacuous():

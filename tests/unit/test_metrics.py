@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -14,10 +12,12 @@ from se_ray.metrics import (
     ModelScores,
     aed,
     bootstrap_interval,
+    contains_correct,
     contains_match,
     exact_match,
     is_abstention,
     max_f1,
+    oracle_aed,
     parse_yes_no,
     score_answers,
     squad_f1,
@@ -62,6 +62,9 @@ def test_is_abstention_accepts_variants(answer: str) -> None:
         "It is unknown.",
         "I do know: it is Paris.",
         "I don't knowingly support that.",
+        "I don't know exactly, but it was 1066.",  # commits to a candidate after all
+        "I don't know for sure; I think it is Paris.",
+        "I do not know, probably Lyon.",
     ],
 )
 def test_is_abstention_rejects_answers(answer: str) -> None:
@@ -141,8 +144,11 @@ def test_contains_match() -> None:
         ("", None),
         ("Certainly", None),
         ("Yes or no? Yes", True),
-        ("I cannot tell", False),  # the reference's substring rule: 'no' inside 'cannot'
-        ("x" * 40 + " yes", None),  # only the start of the reply is read
+        ("I cannot tell", None),  # whole words: 'no' inside 'cannot' is no answer
+        ("I don't know", None),
+        ("Not really, no.", False),
+        ("x" * 40 + " yes", True),  # the whole reply is read, as the reference does
+        ("The proposed answer names another city, so no.", False),
     ],
 )
 def test_parse_yes_no(reply: str, expected: bool | None) -> None:
@@ -293,10 +299,36 @@ def test_bootstrap_interval_degenerate_and_invalid() -> None:
         bootstrap_interval([], [])
 
 
-def test_modules_import_no_heavy_frameworks() -> None:
-    code = (
-        "import sys, se_ray.entropy, se_ray.metrics; "
-        "print(sorted(m for m in ('ray', 'torch', 'vllm', 'transformers', 'scipy') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    assert out.stdout.strip() == "[]"
+def test_bootstrap_over_several_models_is_the_interval_of_their_mean() -> None:
+    abstained, correct = _example()
+    one = bootstrap_interval(abstained, correct, samples=300, seed=1)
+    assert bootstrap_interval([abstained], [correct], samples=300, seed=1) == one
+    assert bootstrap_interval([abstained] * 3, [correct] * 3, samples=300, seed=1) == pytest.approx(one)
+    other = [not a for a in abstained]
+    low, high = bootstrap_interval([abstained, other], [correct, correct], samples=300, seed=1)
+    points = [score_answers(a, correct).aed for a in (abstained, other)]
+    assert low <= sum(points) / 2 <= high
+    with pytest.raises(ValueError, match="same list"):
+        bootstrap_interval([abstained, abstained[:10]], [correct, correct[:10]])
+
+
+def test_oracle_aed_answers_exactly_what_the_model_knows() -> None:
+    assert oracle_aed(100, 40) == pytest.approx(0.6 / math.sqrt(2))
+    assert oracle_aed(10, 10) == 0.0 and oracle_aed(10, 0) == pytest.approx(1 / math.sqrt(2))
+
+
+@pytest.mark.parametrize(
+    ("answer", "references", "expected"),
+    [
+        ("The capital of France is Paris.", ["Paris"], True),
+        ("Paris or Lyon", ["Paris"], False),  # a hedge names several candidates
+        ("It is either Paris or Lyon.", ["Paris"], False),
+        ("Trinidad and Tobago", ["Trinidad and Tobago"], True),
+        ("Port of Spain", ["Port of Spain"], True),
+        ("Lyon", ["Paris"], False),
+        ("Parisian", ["Paris"], False),
+        ("The Isle of Man or Jersey", ["Isle of Man or Jersey"], True),  # the reference itself says "or"
+    ],
+)
+def test_contains_judge_rule(answer: str, references: list[str], expected: bool) -> None:
+    assert contains_correct(answer, references) is expected

@@ -9,18 +9,24 @@ from se_ray import columns as col
 from se_ray import entropy
 from se_ray.config import EntailmentConfig, SamplingConfig
 from se_ray.engine import Completion, EnginePool
-from se_ray.entailment import NEUTRAL, EntropyStage
-from se_ray.sample import SampleStage, samples_to_decide
+from se_ray.judges.entailment import NEUTRAL
+from se_ray.stages.early_stop import samples_to_decide
+from se_ray.stages.entropy import EntropyStage
+from se_ray.stages.sample import SampleStage
 
 TAU = 1.0
 
 
 class ScriptedEngine:
-    """Answers each question from its script, in order, and records every call's sample counts."""
+    """An engine pool of one that answers each question from its script, in order, and records
+    every call's sample counts (the pool's interface: ``chat`` and ``one``)."""
 
     def __init__(self, scripts):
         self.scripts = {q: iter(answers) for q, answers in scripts.items()}
         self.calls: list[list[int]] = []
+
+    def one(self):
+        return self
 
     def chat(self, conversations, params):
         self.calls.append([p["n"] for p in params])
@@ -47,14 +53,12 @@ class ExactJudge:
 
 @pytest.fixture
 def stage_for(monkeypatch):
-    monkeypatch.setattr("se_ray.entailment.build_judge", lambda cfg, engines=None: ExactJudge())
+    monkeypatch.setattr("se_ray.judges.entailment.build_judge", lambda cfg, engines=None: ExactJudge())
 
     def make(scripts, m=10, round_size=1):
         cfg = SamplingConfig(num_samples=m, early_stop=True, early_stop_round=round_size)
         engine = ScriptedEngine(scripts)
-        stage = SampleStage(cfg, EnginePool(names=["e"], namespace="t", actors=[engine]),
-                            entailment=EntailmentConfig(), tau=TAU)
-        stage._chat = lambda e, conversations, params: e.chat(conversations, params)
+        stage = SampleStage(cfg, engine, entailment=EntailmentConfig(), tau=TAU)
         return stage, engine
 
     return make
@@ -116,13 +120,15 @@ def test_prefix_ids_are_stable_under_the_greedy_rule():
 def test_entropy_stage_keeps_upstream_clusters():
     stage = EntropyStage.__new__(EntropyStage)  # no model: the batch brings its clusters
     stage.cfg = EntailmentConfig()
-    batch = pa.table({
-        col.QUESTION: ["q"],
-        col.SAMPLES: [["a", "b", "a"]],
-        col.SAMPLE_LOGPROBS: [[-1.0, -2.0, -1.5]],
-        col.CLUSTER_IDS: [[0, 1, 0]],
-        col.ENTAILMENT_CALLS: [3.0],
-    })
+    batch = pa.table(
+        {
+            col.QUESTION: ["q"],
+            col.SAMPLES: [["a", "b", "a"]],
+            col.SAMPLE_LOGPROBS: [[-1.0, -2.0, -1.5]],
+            col.CLUSTER_IDS: [[0, 1, 0]],
+            col.ENTAILMENT_CALLS: [3.0],
+        }
+    )
     [row] = stage(batch).to_pylist()
     assert row[col.CLUSTER_IDS] == [0, 1, 0] and row[col.ENTAILMENT_CALLS] == 3.0
     assert row[col.SEMANTIC_ENTROPY] == entropy.discrete_semantic_entropy([0, 1, 0])

@@ -1,0 +1,1 @@
+"""Entailment judges (are two answers the same meaning?) and correctness graders (is an answer right?)."""

@@ -1,0 +1,1 @@
+"""Ray Data stages of the labeling pipeline: sample, early stop, cluster + entropy."""
