@@ -23,6 +23,8 @@ STANDARD_ANSWER = "standard_answer"
 STANDARD_LOGPROB = "standard_logprob"
 NUM_GENERATED = "num_generated"  # samples actually generated (early stop may save some)
 
+REJECTED = "rejected"  # internal: why the engine would not take the row; never written to labels
+
 # entropy stage
 CLUSTER_IDS = "cluster_ids"
 SEMANTIC_ENTROPY = "semantic_entropy"  # discrete, nats

@@ -112,6 +112,19 @@ class SamplingConfig(EngineConfig):
         1, ge=1, description="vLLM engine actors (one per GPU or TP group).", json_schema_extra=OPERATIONAL
     )
     num_cpus_per_engine: float = Field(1.0, ge=0, json_schema_extra=OPERATIONAL)
+    request_timeout_s: float | None = Field(
+        600.0,
+        gt=0,
+        description="An engine call that runs longer is taken for a hung engine: the engine is "
+        "restarted and the call retried (None: wait for ever).",
+        json_schema_extra=OPERATIONAL,
+    )
+    engine_retries: int = Field(
+        2,
+        ge=0,
+        description="Restarts of a dead or hung engine per call before the job fails.",
+        json_schema_extra=OPERATIONAL,
+    )
     early_stop: bool = Field(False, description="Sample in rounds; stop once the label at tau is fixed.")
     early_stop_round: int = Field(4, ge=1, description="Samples per round with early_stop.")
 

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from se_ray.config import EngineConfig, JobConfig, RayConfig, SamplingConfig
@@ -97,6 +97,17 @@ class Completion:
         return self.logprob_sum / self.num_tokens if self.num_tokens else 0.0
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A row the engine would not take (its prompt does not fit, or it alone fails the call)."""
+
+    reason: str
+
+
+class EngineFailedError(RuntimeError):
+    """An engine died or stopped answering, and its restarts are spent."""
+
+
 class LLMEngineActor:
     """One vLLM engine (one GPU, a tensor-parallel group, or the CPU build)."""
 
@@ -146,12 +157,6 @@ class LLMEngineActor:
         lora_id = self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1)
         return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
 
-    def one(self) -> EnginePool:
-        """A view on the next engine alone (owning nothing): for calls that must share its cache."""
-        k = self._cursor % len(self.actors)
-        self._cursor += 1
-        return EnginePool(names=[self.names[k]], namespace=self.namespace, actors=[self.actors[k]])
-
     def chat(
         self,
         conversations: list[list[dict[str, str]]],
@@ -161,13 +166,30 @@ class LLMEngineActor:
         """Chat-template each conversation and sample with its own parameters, in one call.
 
         ``params[i]`` are ``vllm.SamplingParams`` keyword arguments; returns, per
-        conversation, its ``n`` completions with their token log-prob sums.
+        conversation, its ``n`` completions with their token log-prob sums, or ``Rejected``
+        where the prompt and its answer budget do not fit the engine's context.
         """
         prompts = [
             self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
             for c in conversations
         ]
-        return self.generate(prompts, params, adapter)
+        out: list[list[Completion] | Rejected] = [
+            self._check_length(p, q.get("max_tokens", 16)) for p, q in zip(prompts, params, strict=True)
+        ]
+        fits = [i for i, r in enumerate(out) if r is None]
+        done = self.generate([prompts[i] for i in fits], [params[i] for i in fits], adapter) if fits else []
+        for i, completions in zip(fits, done, strict=True):
+            out[i] = completions
+        return out
+
+    def _check_length(self, prompt: str, max_tokens: int) -> Rejected | None:
+        tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        context = self.cfg.max_model_len
+        if tokens + max_tokens <= context:
+            return None
+        return Rejected(
+            f"prompt is {tokens:,} tokens; the engine holds {context:,} ({max_tokens} kept for the answer)"
+        )
 
     def generate(
         self, prompts: list[str], params: list[dict[str, Any]], adapter: str | None = None
@@ -202,6 +224,8 @@ class EnginePool:
     """Handles to the engines of one sampling config; ``owned`` ones are stopped by ``release``.
 
     The pool holds the handles it was given: a non-detached actor dies with its last handle.
+    ``chat`` fans calls out over the engines, isolates rows that fail a call, and restarts an
+    engine that died or went silent for ``request_timeout_s`` (up to ``retries`` times a call).
     """
 
     names: list[str]
@@ -209,6 +233,8 @@ class EnginePool:
     actors: list[Any] = field(default_factory=list)
     owned: list[str] = field(default_factory=list)
     requested_at: float = field(default_factory=time.time)
+    request_timeout_s: float | None = None
+    retries: int = 0
 
     def __post_init__(self) -> None:
         self._cursor = random.randrange(1 << 16)
@@ -222,30 +248,46 @@ class EnginePool:
     def handles(self) -> list[Any]:
         return list(self.actors)
 
+    def one(self) -> EnginePool:
+        """A view on the next engine alone (owning nothing): for calls that must share its cache."""
+        k = self._cursor % len(self.actors)
+        self._cursor += 1
+        return replace(self, names=[self.names[k]], actors=[self.actors[k]], owned=[])
+
     def chat(
         self,
         conversations: list[list[dict[str, str]]],
         params: dict[str, Any] | list[dict[str, Any]],
         adapter: str | None = None,
         batch_size: int | None = None,
-    ) -> list[list[Completion]]:
-        """Completions per conversation; chunks of ``batch_size`` (default: all in one call) spread
-        round-robin over the engines. ``params``: one dict for all, or one per conversation."""
-        import ray
-
+    ) -> list[list[Completion] | Rejected]:
+        """Completions per conversation (``Rejected`` for a row the engine would not take); chunks
+        of ``batch_size`` (default: all in one call) go round-robin to the engines, one call in
+        flight per engine. ``params``: one dict for all, or one per conversation."""
         if not self.actors:
             raise RuntimeError("the engine pool holds no engines")
-        if not conversations:
-            return []
         per = params if isinstance(params, list) else [params] * len(conversations)
-        size = batch_size or len(conversations)
-        futures = []
-        for start in range(0, len(conversations), size):
-            engine = self.actors[self._cursor % len(self.actors)]
-            self._cursor += 1
-            end = start + size
-            futures.append(engine.chat.remote(conversations[start:end], per[start:end], adapter))
-        return [completions for result in ray.get(futures) for completions in result]
+        size = batch_size or max(1, len(conversations))
+        results: list[Any] = [None] * len(conversations)
+        todo = [list(range(s, min(s + size, len(conversations)))) for s in range(0, len(conversations), size)]
+        _Dispatch(self, conversations, per, adapter, results).run(todo)
+        return results
+
+    def _call(self, k: int, conversations: list, params: list, adapter: str | None):
+        return self.actors[k].chat.remote(conversations, params, adapter)
+
+    def restart(self, k: int, cause: str) -> None:
+        """Kill engine ``k`` so Ray restarts it (its actor has ``max_restarts``), and wait for it."""
+        import ray
+
+        logger.warning("restarting vLLM engine %s: %s", self.names[k], cause)
+        ray.kill(self.actors[k], no_restart=False)
+        try:
+            ray.get(self.actors[k].info.remote())
+        except Exception as e:
+            raise EngineFailedError(
+                f"engine {self.names[k]} did not come back after {cause}: {_first_line(e)}"
+            ) from None
 
     def wait_ready(self) -> list[dict[str, Any]]:
         """Block until every engine has started; raises the error of one that failed to."""
@@ -263,19 +305,105 @@ class EnginePool:
         """Seconds from the request to the last engine being ready (0 for engines already running)."""
         return max(0.0, *(i["ready_at"] - self.requested_at for i in self.wait_ready()))
 
-    def release(self) -> None:
+    def release(self, timeout_s: float = 20.0) -> None:
         import ray
 
         for name, handle in zip(self.names, self.actors, strict=True):
             if name not in self.owned:
                 continue
             try:
-                ray.get(handle.shutdown.remote(), timeout=60)
+                ray.get(handle.shutdown.remote(), timeout=timeout_s)
             except Exception as e:  # the engine may already be gone; killing it is what matters
-                logger.warning("engine %s did not shut down cleanly: %s", name, e)
+                logger.warning("engine %s did not shut down cleanly: %s", name, _first_line(e))
             ray.kill(handle)
         self.owned = []
         self.actors = []
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
+
+
+def _engine_died(e: BaseException) -> bool:
+    """An error of the engine, not of a row: the actor died, or vLLM's core did."""
+    import ray.exceptions as rex
+
+    if isinstance(e, rex.RayActorError | rex.GetTimeoutError):
+        return True
+    return "EngineDeadError" in type(e).__name__ or "EngineDeadError" in str(e) or "EngineCore" in str(e)
+
+
+class _Dispatch:
+    """Runs chunks of rows over a pool's engines: one call in flight per engine, a chunk that
+    fails is split until the failing rows stand alone (they become ``Rejected``), an engine that
+    dies or exceeds the timeout is restarted and its chunk retried."""
+
+    def __init__(self, pool: EnginePool, conversations: list, params: list, adapter: str | None, out: list):
+        self.pool, self.conversations, self.params, self.adapter, self.out = (
+            pool,
+            conversations,
+            params,
+            adapter,
+            out,
+        )
+        self.failures: dict[int, int] = {}  # engine index -> restarts in this call
+
+    def run(self, todo: list[list[int]]) -> None:
+        import ray
+
+        n = len(self.pool.actors)
+        free = [(self.pool._cursor + k) % n for k in range(n)]
+        self.pool._cursor += 1
+        flight: dict[Any, tuple[int, list[int], float]] = {}
+        while todo or flight:
+            while todo and free:
+                k, rows = free.pop(0), todo.pop(0)
+                ref = self.pool._call(
+                    k, [self.conversations[i] for i in rows], [self.params[i] for i in rows], self.adapter
+                )
+                flight[ref] = (k, rows, time.monotonic())
+            ready, _ = ray.wait(list(flight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                k, rows, _ = flight.pop(ref)
+                free.append(k)
+                todo[:0] = self._settle(ref, k, rows)
+            for ref, (k, rows, started) in list(flight.items()):
+                timeout = self.pool.request_timeout_s
+                if timeout and time.monotonic() - started > timeout:
+                    del flight[ref]
+                    self._restart(k, f"no answer within sampling.request_timeout_s={timeout:g}")
+                    free.append(k)
+                    todo.insert(0, rows)
+
+    def _settle(self, ref: Any, k: int, rows: list[int]) -> list[list[int]]:
+        """Store a finished call's results; returns the chunks to run again."""
+        import ray
+
+        try:
+            results = ray.get(ref)
+        except Exception as e:
+            if _engine_died(e):
+                self._restart(k, _first_line(e))
+                return [rows]
+            if len(rows) == 1:
+                self.out[rows[0]] = Rejected(f"the engine call failed: {_first_line(e)}")
+                return []
+            half = len(rows) // 2
+            return [rows[:half], rows[half:]]
+        for i, r in zip(rows, results, strict=True):
+            self.out[i] = r
+        return []
+
+    def _restart(self, k: int, cause: str) -> None:
+        self.failures[k] = self.failures.get(k, 0) + 1
+        if self.failures[k] > self.pool.retries:
+            raise EngineFailedError(
+                f"engine {self.pool.names[k]} failed {self.failures[k]} times "
+                f"(sampling.engine_retries={self.pool.retries}); last: {cause}"
+            )
+        self.pool.restart(k, cause)
 
 
 def acquire_engines(
@@ -288,7 +416,12 @@ def acquire_engines(
     """
     import ray
 
-    pool = EnginePool(names=engine_names(cfg), namespace=ray_cfg.namespace)
+    pool = EnginePool(
+        names=engine_names(cfg),
+        namespace=ray_cfg.namespace,
+        request_timeout_s=cfg.request_timeout_s,
+        retries=cfg.engine_retries,
+    )
     handles = pool.actors
     for name in pool.names:
         try:
@@ -304,6 +437,7 @@ def acquire_engines(
             num_cpus=cfg.num_cpus_per_engine,
             num_gpus=gpus,
             max_concurrency=1,
+            max_restarts=max(1, cfg.engine_retries),
             runtime_env={"env_vars": dict(cfg.env)} if cfg.env else None,
         )
         if detached:

@@ -22,7 +22,7 @@ from typing import Any
 from se_ray import columns as col
 from se_ray import metrics
 from se_ray.config import JobConfig, SamplingConfig
-from se_ray.engine import EnginePool, request_params
+from se_ray.engine import EnginePool, Rejected, request_params
 from se_ray.judges.correctness import Judge, audit_judges
 from se_ray.prompts import question_messages
 from se_ray.storage import Store
@@ -97,14 +97,15 @@ def is_answerable(row: dict[str, Any]) -> bool:
 
 def answer_questions(
     rows: Sequence[dict[str, Any]], cfg: JobConfig, pool: EnginePool, adapter: str | None = None
-) -> list[str]:
-    """Greedy answers (T = 0) with the sampling prompt style, optionally through a LoRA adapter."""
+) -> list[str | Rejected]:
+    """Greedy answers (T = 0) with the sampling prompt style, optionally through a LoRA adapter;
+    ``Rejected`` for a question the engine would not take."""
     conversations = [
         question_messages(r[col.QUESTION], cfg.sampling.answer_style, r.get(col.CONTEXT)) for r in rows
     ]
     params = request_params(1, 0.0, cfg.eval.max_tokens or cfg.sampling.max_tokens, cfg.sampling.stop)
     replies = pool.chat(conversations, params, adapter, batch_size=cfg.sampling.batch_size)
-    return [completions[0].text for completions in replies]
+    return [r if isinstance(r, Rejected) else r[0].text for r in replies]
 
 
 @dataclass
@@ -197,6 +198,11 @@ def split_references(rows: Sequence[dict[str, Any]], source: str = "") -> tuple[
     return keep, rejects
 
 
+def _engine_reject(row: dict[str, Any], rejected: Rejected) -> dict[str, Any]:
+    logger.warning("rejected id %s: %s", row[col.ID], rejected.reason)
+    return {"source": "engine", "line": None, "id": row[col.ID], "reason": rejected.reason}
+
+
 def evaluate_rows(
     cfg: JobConfig,
     rows: Sequence[dict[str, Any]],
@@ -211,8 +217,16 @@ def evaluate_rows(
     if not any(is_answerable(r) for r in rows):
         raise ValueError("nothing to evaluate: no answerable questions with references")
     started = time.perf_counter()
-    answers = answer_questions(rows, cfg, pool, adapter)
+    replies = answer_questions(rows, cfg, pool, adapter)
     answer_s = time.perf_counter() - started
+    rejected = [(r, a) for r, a in zip(rows, replies, strict=True) if isinstance(a, Rejected)]
+    if rejected:
+        out.write_jsonl(
+            REJECTS_FILE, out.read_jsonl(REJECTS_FILE) + [_engine_reject(r, a) for r, a in rejected]
+        )
+        rows = [r for r, a in zip(rows, replies, strict=True) if not isinstance(a, Rejected)]
+        replies = [a for a in replies if not isinstance(a, Rejected)]
+    answers: list[str] = replies  # type: ignore[assignment]
     flags = judge_answers(judge, rows, answers, cfg.labeling.abstention_text)
     judge_s = time.perf_counter() - started - answer_s
     scores = summarize(flags, cfg.eval.bootstrap_samples)
@@ -222,6 +236,7 @@ def evaluate_rows(
         **(info or {}),
         **scores,
         "judge": judge.name,
+        "rejected_by_engine": len(rejected),
         "judge_audit": audit_judges(rows, answers, flags.abstained, cfg.eval),
         "adapter": adapter,
         "answer_s": round(answer_s, 2),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -18,7 +19,8 @@ import pyarrow as pa
 from se_ray import columns as col
 from se_ray.config import JobConfig, LabelingConfig
 from se_ray.data import load_questions
-from se_ray.labeling import label_by_score
+from se_ray.judges.correctness import diagnostic_judge
+from se_ray.labeling import SCORE_COLUMNS, label_by_score, score_diagnostics
 from se_ray.models import resolve_model
 from se_ray.storage import Store, read_parquet_folder
 
@@ -46,27 +48,55 @@ def read_labels(labels: Store, columns: list[str] | None = None) -> pa.Table | N
     return None if table is None else table.sort_by(col.ID)
 
 
-def _commit_parts(ds, labels: Store, write_batch_size: int, total: int) -> tuple[int, float, float | None]:
-    """Write each finished batch as one atomic part; returns (rows, entailment calls, first part s)."""
-    done, calls, started, first_part_s = 0, 0.0, time.perf_counter(), None
+@dataclass
+class _Committed:
+    rows: int = 0
+    rejected: int = 0
+    entailment_calls: float = 0.0
+    first_part_s: float | None = None
+
+
+def _reject_rows(out: Store, batch: pa.Table, source: str) -> pa.Table:
+    """Move the rows the engine would not take to ``rejects.jsonl``; returns the others."""
+    if col.REJECTED not in batch.column_names:
+        return batch
+    reasons = batch.column(col.REJECTED).to_pylist()
+    if not any(reasons):
+        return batch
+    ids = batch.column(col.ID).to_pylist()
+    new = [
+        {"source": source, "line": None, "id": i, "reason": r} for i, r in zip(ids, reasons, strict=True) if r
+    ]
+    for r in new:
+        logger.warning("rejected id %s: %s", r["id"], r["reason"])
+    out.write_jsonl(REJECTS_FILE, out.read_jsonl(REJECTS_FILE) + new)
+    return batch.filter(pa.array([r is None for r in reasons], pa.bool_()))
+
+
+def _commit_parts(ds, out: Store, source: str, write_batch_size: int, total: int) -> _Committed:
+    """Write each finished batch as one atomic part (its rejected rows to ``rejects.jsonl``)."""
+    labels, done, started = out.child(LABELS_DIR), _Committed(), time.perf_counter()
     for batch in ds.iter_batches(batch_size=write_batch_size, batch_format="pyarrow"):
-        part = col.conform(batch, col.label_schema())
-        labels.write_parquet(part_name(part.column(col.ID).to_pylist()), part)
-        done += part.num_rows
-        calls += sum(part.column(col.ENTAILMENT_CALLS).to_pylist())
+        kept = _reject_rows(out, batch, source)
+        done.rejected += batch.num_rows - kept.num_rows
+        if kept.num_rows:
+            part = col.conform(kept, col.label_schema())
+            labels.write_parquet(part_name(part.column(col.ID).to_pylist()), part)
+            done.rows += part.num_rows
+            done.entailment_calls += sum(part.column(col.ENTAILMENT_CALLS).to_pylist())
         elapsed = time.perf_counter() - started
-        first_part_s = first_part_s or elapsed
+        done.first_part_s = done.first_part_s or elapsed
         logger.info(
-            "labeled %d/%d questions (%.2f q/s, %d abstain in this part)",
-            done,
+            "labeled %d/%d questions (%.2f q/s), %d rejected by the engine",
+            done.rows,
             total,
-            done / elapsed,
-            sum(part.column(col.ABSTAIN).to_pylist()),
+            done.rows / elapsed,
+            done.rejected,
         )
-    return done, calls, first_part_s
+    return done
 
 
-def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], labels: Store) -> dict[str, Any]:
+def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], out: Store, source: str) -> dict[str, Any]:
     import ray
 
     from se_ray.engine import Engines
@@ -98,15 +128,16 @@ def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], labels: Store) -> 
             batch_size=None,
         )
         try:
-            done, calls, first_part_s = _commit_parts(ds, labels, cfg.labeling.write_batch_size, len(todo))
+            done = _commit_parts(ds, out, source, cfg.labeling.write_batch_size, len(todo))
         except Exception:
             engines.wait_ready()  # an engine that failed to start is the error to report
             raise
         engine_ready_s = engines.ready_after_s()
     return {
         "engine_ready_s": round(engine_ready_s, 2),
-        "entailment_calls_per_question": round(calls / done, 2) if done else 0.0,
-        "first_part_s": round(first_part_s or 0.0, 2),
+        "entailment_calls_per_question": round(done.entailment_calls / done.rows, 2) if done.rows else 0.0,
+        "first_part_s": round(done.first_part_s or 0.0, 2),
+        "rejected_by_engine": done.rejected,
     }
 
 
@@ -139,13 +170,22 @@ def label_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
         len(loaded.rows) - len(todo),
         len(todo),
     )
-    stats = _run_pipeline(cfg, todo, labels) if todo else {}
-    committed = read_labels(labels, [col.ID, col.ABSTAIN])
+    stats = _run_pipeline(cfg, todo, out, input) if todo else {}
+    committed = read_labels(labels)
     wanted = {r[col.ID] for r in loaded.rows}
-    abstained = 0
+    abstained, diagnostics = 0, None
     if committed is not None:
-        ids, flags = committed.column(col.ID).to_pylist(), committed.column(col.ABSTAIN).to_pylist()
-        abstained = sum(bool(a) for i, a in zip(ids, flags, strict=True) if i in wanted)
+        committed = committed.filter(pa.array([i in wanted for i in committed.column(col.ID).to_pylist()]))
+        abstained = sum(bool(a) for a in committed.column(col.ABSTAIN).to_pylist())
+        diagnostics = score_diagnostics(committed, diagnostic_judge(cfg.eval))
+    if diagnostics:
+        logger.info(
+            "how well each score predicts a wrong standard answer (%d of %d wrong, %s judge): %s",
+            diagnostics["standard_wrong"],
+            diagnostics["judged"],
+            diagnostics["judge"],
+            ", ".join(f"{m} AUROC {diagnostics[m]['auroc']:.3f}" for m in SCORE_COLUMNS),
+        )
     wall = time.perf_counter() - started
     summary = {
         "input": input,
@@ -159,6 +199,7 @@ def label_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
         "method": cfg.labeling.method,
         "wall_s": round(wall, 2),
         "questions_per_s": round(len(todo) / wall, 3) if todo else 0.0,
+        "score_diagnostics": diagnostics,
         **stats,
     }
     out.write_json(SUMMARY_FILE, summary)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 
 from se_ray import columns as col
+from se_ray import metrics
 from se_ray.entropy import label_with_threshold
 
 # The score each entropy method thresholds at τ; r_tuning is decided by a judge instead.
@@ -65,3 +67,26 @@ def label_by_score(table: pa.Table, method: str, tau: float, abstention_text: st
         raise ValueError(f"labeling.method={method!r} needs references and a judge; use `se-ray run`")
     scores = table.column(SCORE_COLUMNS[method]).to_pylist()
     return relabel(table, abstain_by_score(scores, tau), abstention_text, method, tau)
+
+
+def score_diagnostics(table: pa.Table, judge: Any) -> dict[str, Any] | None:
+    """How well each score predicts that the standard answer is wrong, on the rows with
+    references: AUROC (wrong vs score) and AURAC (accuracy kept as the uncertain are rejected).
+    None when no row has references. ``judge`` is a correctness judge (``judges.correctness``)."""
+    rows = [r for r in table.to_pylist() if r.get(col.REFERENCES)]
+    if not rows:
+        return None
+    correct = judge.judge(
+        [r[col.QUESTION] for r in rows],
+        [r[col.STANDARD_ANSWER] or "" for r in rows],
+        [r[col.REFERENCES] for r in rows],
+    )
+    wrong = [not c for c in correct]
+    out: dict[str, Any] = {"judge": judge.name, "judged": len(rows), "standard_wrong": sum(wrong)}
+    for method, column in SCORE_COLUMNS.items():
+        scores = [r[column] for r in rows]
+        out[method] = {
+            "auroc": round(metrics.auroc(wrong, scores), 4),
+            "aurac": round(metrics.aurac(correct, scores), 4),
+        }
+    return out

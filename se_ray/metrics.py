@@ -21,6 +21,8 @@ __all__ = [
     "METRICS",
     "ModelScores",
     "aed",
+    "aurac",
+    "auroc",
     "oracle_aed",
     "bootstrap_interval",
     "contains_correct",
@@ -268,3 +270,32 @@ def bootstrap_interval(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(total / len(flags), [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------- labeller diagnostics
+
+
+def auroc(positive: Sequence[bool], scores: Sequence[float]) -> float:
+    """Area under the ROC curve of ``scores`` for ``positive`` (ties count half), as sklearn's
+    ``roc_curve`` + ``auc`` in the reference code; NaN when one class is missing."""
+    y = np.asarray(positive, dtype=bool)
+    s = np.asarray(scores, dtype=float)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def aurac(correct: Sequence[bool], uncertainties: Sequence[float]) -> float:
+    """Area under the rejection-accuracy curve, as the reference code computes it: the accuracy
+    of the answers kept when everything above the q-quantile of uncertainty is rejected, for 20
+    quantiles from 0.1 to 1, summed times the quantile step."""
+    acc = np.asarray(correct, dtype=float)
+    unc = np.asarray(uncertainties, dtype=float)
+    if len(acc) == 0:
+        return math.nan
+    quantiles = np.linspace(0.1, 1, 20)
+    kept = [acc[unc <= np.quantile(unc, q)].mean() for q in quantiles]
+    return float(np.sum(kept) * (quantiles[1] - quantiles[0]))

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from se_ray import metrics
 from se_ray.config import EvalConfig
-from se_ray.engine import EnginePool, request_params
+from se_ray.engine import EnginePool, Rejected, request_params
 from se_ray.prompts import correctness_prompt
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class LLMJudge:
         conversations = [[{"role": "user", "content": p}] for p in prompts]
         params = request_params(1, temperature, self.cfg.judge_max_tokens)
         replies = self.pool.chat(conversations, params, batch_size=self.batch_size)
-        return [metrics.parse_yes_no(r[0].text) for r in replies]
+        return [None if isinstance(r, Rejected) else metrics.parse_yes_no(r[0].text) for r in replies]
 
     def judge(
         self, questions: Sequence[str], answers: Sequence[str], references: Sequence[Sequence[str]]
@@ -181,3 +181,9 @@ def audit_judges(
         "disagreements": len(disagreements),
         "examples": disagreements[:examples],
     }
+
+
+def diagnostic_judge(cfg: EvalConfig) -> Judge:
+    """The judge of labeller diagnostics: the configured one when it needs no model, else
+    containment (labeling holds no judge engine)."""
+    return build_judge(cfg) if cfg.judge != "llm" else ContainsJudge()

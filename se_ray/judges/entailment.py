@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from se_ray.config import EntailmentConfig
-from se_ray.engine import EnginePool, request_params
+from se_ray.engine import EnginePool, Rejected, request_params
 from se_ray.prompts import entailment_prompt
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class LLMJudge:
         params = request_params(1, self.cfg.llm_temperature, self.cfg.llm_max_tokens)
         replies = self.engines.chat(conversations, params)
         self.model_calls += len(queries)
-        return [parse_llm_implication(r[0].text) for r in replies]
+        return [NEUTRAL if isinstance(r, Rejected) else parse_llm_implication(r[0].text) for r in replies]
 
 
 def build_judge(cfg: EntailmentConfig, engines: EnginePool | None = None) -> EntailmentJudge:

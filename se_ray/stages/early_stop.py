@@ -15,7 +15,7 @@ from typing import Any
 
 from se_ray import entropy
 from se_ray.config import SamplingConfig
-from se_ray.engine import Completion, EnginePool, request_params
+from se_ray.engine import Completion, EnginePool, Rejected, request_params
 from se_ray.judges.entailment import EmbeddingJudge, EntailmentJudge
 from se_ray.stages.entropy import cluster_questions
 
@@ -49,6 +49,7 @@ class EarlyStopped:
     standard: list[Completion]
     clusters: list[list[int]]
     calls: int  # entailment-model calls for the whole batch
+    rejected: list[str | None]  # why the engine would not take a question (None: it did)
 
 
 def _round_sizes(cfg: SamplingConfig, high: list[list[Completion]], clusters, undecided, tau) -> list[int]:
@@ -81,6 +82,7 @@ def sample_until_decided(
     clusters: list[list[int]] = [[] for _ in range(n)]
     verdicts: list[dict[tuple[str, str], bool]] = [{} for _ in range(n)]
     standard: list[Completion] = []
+    rejected: list[str | None] = [None] * n
     calls_before = judge.model_calls
     undecided = list(range(n))
     while undecided:
@@ -96,9 +98,17 @@ def sample_until_decided(
             ] * n
         results = engine.chat(convs, params)
         if not standard:
-            standard = [cs[0] for cs in results[len(undecided) :]]
+            standard = [
+                Completion("", 0.0, 0) if isinstance(cs, Rejected) else cs[0]
+                for cs in results[len(undecided) :]
+            ]
+            rejected = [cs.reason if isinstance(cs, Rejected) else None for cs in results[len(undecided) :]]
         for q, cs in zip(undecided, results, strict=False):
-            high[q].extend(cs)
+            if isinstance(cs, Rejected):
+                rejected[q] = cs.reason
+            else:
+                high[q].extend(cs)
+        undecided = [q for q in undecided if rejected[q] is None]
         found = cluster_questions(
             judge,
             [questions[q] for q in undecided],
@@ -116,4 +126,4 @@ def sample_until_decided(
     calls = judge.model_calls - calls_before
     if isinstance(judge, EmbeddingJudge):
         judge.reset_cache()
-    return EarlyStopped(high, standard, clusters, calls)
+    return EarlyStopped(high, standard, clusters, calls, rejected)

@@ -102,38 +102,54 @@ class EntropyStage:
         questions = batch.column(col.QUESTION).to_pylist()
         samples = batch.column(col.SAMPLES).to_pylist()
         logprobs = batch.column(col.SAMPLE_LOGPROBS).to_pylist()
-        f64 = pa.float64()
+        n = len(questions)
         if col.CLUSTER_IDS in batch.column_names:
             clusters = batch.column(col.CLUSTER_IDS).to_pylist()
             per_question = (
                 batch.column(col.ENTAILMENT_CALLS).to_pylist()
                 if col.ENTAILMENT_CALLS in batch.column_names
-                else [0.0] * len(questions)
+                else [0.0] * n
             )
         else:
-            calls_before = self.judge.model_calls
-            clusters = cluster_questions(self.judge, questions, samples, self.cfg.strict)
-            calls = self.judge.model_calls - calls_before
-            if isinstance(self.judge, EmbeddingJudge):
-                self.judge.reset_cache()
-            # The batch's model calls spread over its questions (calls are batched across them).
-            per_question = [calls / len(questions)] * len(questions)
+            clusters, per_question = self._cluster(questions, samples)
+        nan = float("nan")  # a rejected row has no samples, so no entropy; it is never labelled
+        scores = [
+            (
+                entropy.discrete_semantic_entropy(c),
+                entropy.regular_semantic_entropy(c, lp),
+                entropy.exact_entropy(s),
+            )
+            if s
+            else (nan, nan, nan)
+            for c, lp, s in zip(clusters, logprobs, samples, strict=True)
+        ]
+        f64 = pa.float64()
         return col.with_columns(
             batch,
             {
                 col.CLUSTER_IDS: (clusters, pa.list_(pa.int64())),
-                col.SEMANTIC_ENTROPY: ([entropy.discrete_semantic_entropy(c) for c in clusters], f64),
-                col.REGULAR_SEMANTIC_ENTROPY: (
-                    [
-                        entropy.regular_semantic_entropy(c, lp)
-                        for c, lp in zip(clusters, logprobs, strict=True)
-                    ],
-                    f64,
-                ),
-                col.EXACT_ENTROPY: ([entropy.exact_entropy(s) for s in samples], f64),
+                col.SEMANTIC_ENTROPY: ([x[0] for x in scores], f64),
+                col.REGULAR_SEMANTIC_ENTROPY: ([x[1] for x in scores], f64),
+                col.EXACT_ENTROPY: ([x[2] for x in scores], f64),
                 col.ENTAILMENT_CALLS: (per_question, f64),
             },
         )
+
+    def _cluster(self, questions: list[str], samples: list[list[str]]):
+        """Cluster ids of every row with samples, and the batch's model calls spread over its rows
+        (calls are batched across questions)."""
+        todo = [i for i, s in enumerate(samples) if s]
+        calls_before = self.judge.model_calls
+        found = cluster_questions(
+            self.judge, [questions[i] for i in todo], [samples[i] for i in todo], self.cfg.strict
+        )
+        calls = self.judge.model_calls - calls_before
+        if isinstance(self.judge, EmbeddingJudge):
+            self.judge.reset_cache()
+        clusters: list[list[int]] = [[] for _ in samples]
+        for i, ids in zip(todo, found, strict=True):
+            clusters[i] = ids
+        return clusters, [calls / len(samples)] * len(samples)
 
 
 def add_entropy_stage(ds, cfg: EntailmentConfig, engines: EnginePool | None = None):

@@ -18,10 +18,13 @@ import pyarrow as pa
 
 from se_ray import columns as col
 from se_ray.config import EntailmentConfig, SamplingConfig
-from se_ray.engine import Completion, EnginePool, request_params
+from se_ray.engine import Completion, EnginePool, Rejected, request_params
 from se_ray.prompts import question_messages
 
 logger = logging.getLogger(__name__)
+
+
+NO_ANSWER = Completion("", 0.0, 0)
 
 
 def sampling_params(cfg: SamplingConfig, n: int, temperature: float) -> dict[str, Any]:
@@ -84,26 +87,34 @@ class SampleStage:
                 col.CLUSTER_IDS: (found.clusters, pa.list_(pa.int64())),
                 col.ENTAILMENT_CALLS: ([found.calls / len(questions)] * len(questions), pa.float64()),
             }
-            return self._columns(batch, found.high, found.standard, extra)
-        m = self.cfg.num_samples
-        params = [sampling_params(self.cfg, m, self.cfg.temperature)] * len(questions) + [
+            return self._columns(batch, found.high, found.standard, found.rejected, extra)
+        m, n = self.cfg.num_samples, len(questions)
+        params = [sampling_params(self.cfg, m, self.cfg.temperature)] * n + [
             sampling_params(self.cfg, 1, self.cfg.standard_temperature)
-        ] * len(questions)
+        ] * n
         results = self.engines.chat(conversations + conversations, params)
-        high, standard = results[: len(questions)], results[len(questions) :]
-        return self._columns(batch, high, [cs[0] for cs in standard], {})
+        rejected = [
+            next((r.reason for r in (results[i], results[n + i]) if isinstance(r, Rejected)), None)
+            for i in range(n)
+        ]
+        high = [[] if why else results[i] for i, why in enumerate(rejected)]
+        standard = [NO_ANSWER if why else results[n + i][0] for i, why in enumerate(rejected)]
+        return self._columns(batch, high, standard, rejected, {})
 
     @staticmethod
     def _columns(
         batch: pa.Table,
         high: list[list[Completion]],
         standard: list[Completion],
+        rejected: list[str | None],
         extra: dict[str, tuple[list[Any], pa.DataType]],
     ) -> pa.Table:
+        """The sample columns; a rejected row (its reason in ``rejected``) has no samples."""
         floats, ints, strings = pa.list_(pa.float64()), pa.list_(pa.int64()), pa.list_(pa.string())
         return col.with_columns(
             batch,
             {
+                col.REJECTED: (rejected, pa.string()),
                 col.SAMPLES: ([[c.text for c in cs] for cs in high], strings),
                 col.SAMPLE_LOGPROBS: ([[c.mean_logprob for c in cs] for cs in high], floats),
                 col.SAMPLE_LOGPROB_SUMS: ([[c.logprob_sum for c in cs] for cs in high], floats),

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from se_ray.metrics import (
     ModelScores,
     aed,
+    aurac,
+    auroc,
     bootstrap_interval,
     contains_correct,
     contains_match,
@@ -332,3 +334,42 @@ def test_oracle_aed_answers_exactly_what_the_model_knows() -> None:
 )
 def test_contains_judge_rule(answer: str, references: list[str], expected: bool) -> None:
     assert contains_correct(answer, references) is expected
+
+
+# ---------------------------------------------------------------------------- labeller diagnostics
+
+
+def test_auroc_hand_cases() -> None:
+    assert auroc([True, True, False, False], [0.9, 0.8, 0.1, 0.2]) == 1.0
+    assert auroc([True, True, False, False], [0.1, 0.2, 0.9, 0.8]) == 0.0
+    assert auroc([True, False], [0.5, 0.5]) == 0.5  # ties count half
+    # 3 positives x 2 negatives: pairs won 5, tied 1 -> (5 + 0.5) / 6
+    assert auroc([True, True, True, False, False], [0.9, 0.4, 0.3, 0.3, 0.2]) == pytest.approx(5.5 / 6)
+    assert math.isnan(auroc([True, True], [0.1, 0.2]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5)), min_size=2, max_size=40))
+def test_auroc_is_the_probability_a_positive_outranks_a_negative(rows) -> None:
+    pos = [s for y, s in rows if y]
+    neg = [s for y, s in rows if not y]
+    value = auroc([y for y, _ in rows], [float(s) for _, s in rows])
+    if not pos or not neg:
+        assert math.isnan(value)
+        return
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    assert value == pytest.approx(wins / (len(pos) * len(neg)))
+
+
+def test_aurac_follows_the_reference_rule() -> None:
+    import numpy as np
+
+    correct = [True, True, False, True, False, False, True, False]
+    unc = [0.1, 0.2, 0.9, 0.3, 0.8, 0.7, 0.15, 0.95]
+    quantiles = np.linspace(0.1, 1, 20)
+    acc, u = np.array(correct, float), np.array(unc)
+    expected = sum(acc[u <= np.quantile(u, q)].mean() for q in quantiles) * (quantiles[1] - quantiles[0])
+    assert aurac(correct, unc) == pytest.approx(expected)
+    # A perfect ranking keeps only right answers at low quantiles: above random ranking.
+    assert aurac(correct, unc) > aurac(correct, [0.5] * len(unc))
+    assert math.isnan(aurac([], []))
