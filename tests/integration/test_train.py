@@ -221,7 +221,8 @@ def test_lora_zero3_kill_driver_and_resume(tmp_path, ray_address, nq_dev):
     from safetensors import safe_open
 
     from se_ray.storage import filesystem
-    from se_ray.train import RUN_NAME, _restore_point, train_job
+    from se_ray.train import train_job
+    from se_ray.train.checkpoint import RUN_NAME, restore_point
 
     questions = _questions(nq_dev, 4, skip=4)
     targets = [ABSTENTION_TEXT if i % 2 else "Paris" for i in range(len(questions))]
@@ -251,7 +252,7 @@ def test_lora_zero3_kill_driver_and_resume(tmp_path, ray_address, nq_dev):
     fs, _ = filesystem(str(output))
     try:
         deadline = time.monotonic() + 420
-        while not (_restore_point(fs, str(run_path)) or 0) >= 1:  # a checkpoint is registered
+        while not (restore_point(fs, str(run_path)) or 0) >= 1:  # a checkpoint is registered
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]  # still training
             assert time.monotonic() < deadline, "no checkpoint registered in time"
             time.sleep(0.5)
@@ -263,7 +264,7 @@ def test_lora_zero3_kill_driver_and_resume(tmp_path, ray_address, nq_dev):
     _wait_for_free_cpus(2)
 
     total = 4  # 4 rows / (1 row x 2 workers) x 2 epochs
-    restored = _restore_point(fs, str(run_path))
+    restored = restore_point(fs, str(run_path))
     assert restored is not None and 1 <= restored < total, restored
     cfg = load_config(None, overrides)
     with pytest.raises(FileExistsError, match="resume"):

@@ -1,0 +1,54 @@
+"""se_ray.train.job, the driver side that needs no cluster: finding labels, refusing to clobber a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from se_ray.config import load_config
+from se_ray.train.checkpoint import STATE_DIR, STATE_FILE
+from se_ray.train.job import count_rows, labels_folder, open_run
+
+
+def _labels(folder, n=4):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    ids = [f"q{i}" for i in range(n)]
+    pq.write_table(pa.table({"id": ids, "question": ids, "target": ids}), folder / "part-00000.parquet")
+    return folder
+
+
+def test_labels_folder_skips_temporary_parts_and_accepts_the_run_folder(tmp_path):
+    labels = _labels(tmp_path / "run" / "labels", n=2)
+    (labels / "_part-00001.parquet").write_text("half written")
+    (labels / ".part-00002.parquet.tmp").write_text("half written")
+    for given in (labels, tmp_path / "run"):
+        fs, folder, parts = labels_folder(str(given), None)
+        assert folder == str(labels)
+        assert [p.rsplit("/", 1)[-1] for p in parts] == ["part-00000.parquet"]
+        assert count_rows(fs, parts) == 2
+    with pytest.raises(FileNotFoundError, match="no committed labels"):
+        labels_folder(str(tmp_path), None)
+
+
+def test_a_fresh_run_refuses_an_existing_one_and_resume_continues_it(tmp_path):
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    cfg = load_config(None, ["train.global_batch_size=2", "train.micro_batch_size=1", "train.num_workers=2"])
+    labels = str(_labels(tmp_path / "labels"))
+    output = str(tmp_path / "out")
+    fresh = open_run(cfg, labels, output, resume=True)  # nothing to resume: a fresh run
+    assert fresh.prior_step is None and fresh.rows == 4
+    assert fresh.run_path == str(tmp_path / "out" / "ray_train" / "train")
+
+    run = tmp_path / "out" / "ray_train" / "train"
+    (run / "checkpoint_1" / STATE_DIR).mkdir(parents=True)
+    (run / "checkpoint_1" / STATE_DIR / STATE_FILE).write_text(json.dumps({"step": 3}))
+    latest = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_1"}}
+    (run / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).write_text(json.dumps(latest))
+    with pytest.raises(FileExistsError, match="resume"):
+        open_run(cfg, labels, output, resume=False)
+    assert open_run(cfg, labels, output, resume=True).prior_step == 3
