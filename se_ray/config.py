@@ -178,7 +178,7 @@ class LabelingConfig(_Section):
 class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, ge=0)
+    cpus_per_worker: float = Field(1.0, ge=0, json_schema_extra=OPERATIONAL)
     zero_stage: Literal[2, 3] = 2
     method: Literal["lora", "full"] = "lora"
     lora_r: int = Field(8, ge=1)
@@ -199,9 +199,9 @@ class TrainConfig(_Section):
         description="Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps stream order.",
     )
     seed: int = 0
-    checkpoint_every_steps: int | None = Field(None, ge=1)
-    num_to_keep: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=0)
+    checkpoint_every_steps: int | None = Field(None, ge=1, json_schema_extra=OPERATIONAL)
+    num_to_keep: int = Field(2, ge=1, json_schema_extra=OPERATIONAL)
+    max_failures: int = Field(0, ge=0, json_schema_extra=OPERATIONAL)
     export_merged: bool = True
 
 

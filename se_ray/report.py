@@ -1,27 +1,8 @@
-"""The run report: ``report.md`` and its PNG figures, rendered from one plain results dict.
+"""The run report: ``report.md`` and its PNG figures, rendered from one plain ``ReportData`` dict.
 
-``se-ray run`` assembles the dict from its stage summaries (``se_ray.run.report_data``);
-rendering is a pure function of it (matplotlib's Agg canvas, no pyplot state), so the
-report can be re-rendered, or tested, from a hand-made dict. The dict:
-
-``setup``
-    free-form key/value pairs shown at the top (model, judge, split sizes, grid, seeds...).
-``methods``
-    list, in table order, of ``{"method", "label", "chosen_tau", "seeds", "splits"}``;
-    ``splits`` maps a split name (``test``, ``ood``) to aggregated scores over the seeds:
-    ``num_questions``, ``aed_mean``, ``aed_sd``, ``aed_ci95`` ([low, high] of the mean),
-    ``accuracy_mean``, ``accuracy_sd``, ``engagement_mean``, ``engagement_sd``,
-    ``correct_mean``, ``incorrect_mean``, ``abstained_mean``.
-``sweep``
-    method -> list of ``{"tau", "trial", "validation", "test", "ood"}``, one per τ of the grid
-    (τ None for R-Tuning and the untuned model); each split present maps to that model's
-    ``aed``, ``correct``, ``incorrect``, ``abstained`` and ``num_questions`` there.
-``adaptation_split``
-    the split the adaptation plot shows (the paper: out of distribution).
-``train_scores``
-    score name -> the training set's values (the semantic-entropy histogram).
-``taus`` and ``chosen_tau``
-    the grid, and the τ chosen per method (marked on the histogram).
+``se-ray run`` assembles it from its stage summaries (``se_ray.run.results.report_data``) and keeps
+it as ``report_data.json``; rendering is a pure function of it (matplotlib's Agg canvas, no pyplot
+state), so a report can be re-rendered, or tested, from a hand-made dict.
 """
 
 from __future__ import annotations
@@ -29,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 REPORT_FILE = "report.md"
 ADAPTATION_PNG = "adaptation.png"
@@ -41,6 +22,60 @@ SPLIT_TITLES = {
     "ood": "out-of-distribution set",
     "validation": "in-distribution validation split",
 }
+METHOD_LABELS = {
+    "untuned": "Untuned",
+    "semantic_entropy": "SE",
+    "exact_entropy": "R-Tuning-U",
+    "r_tuning": "R-Tuning",
+}
+
+
+class PointScores(TypedDict):
+    """One model on one split."""
+
+    aed: float
+    correct: int
+    incorrect: int
+    abstained: int
+    num_questions: int
+
+
+class SweepPointData(TypedDict, total=False):
+    """One τ of a method (τ None for R-Tuning and the untuned model); a key per split it was
+    evaluated on (``validation``, ``test``, ``ood``) holds its ``PointScores``."""
+
+    tau: float | None
+    trial: str
+    digest: str
+    validation: PointScores
+    test: PointScores
+    ood: PointScores
+
+
+class MethodData(TypedDict):
+    """A row of the AED tables. ``splits`` maps ``test``/``ood`` to the scores aggregated over the
+    seeds: ``num_questions``, ``<score>_mean`` and ``<score>_sd`` (aed, accuracy, engagement,
+    correct, incorrect, abstained), ``<metric>_ci95`` ([low, high] of the mean)."""
+
+    method: str
+    label: str
+    chosen_tau: float | None
+    seeds: int
+    splits: dict[str, dict[str, Any]]
+
+
+class ReportData(TypedDict, total=False):
+    title: str
+    setup: dict[str, Any]  # shown as key/value pairs at the top
+    methods: list[MethodData]  # in table order
+    sweep: dict[str, list[SweepPointData]]  # method -> every τ of the grid
+    adaptation_split: str  # the split the adaptation plot shows (the paper: out of distribution)
+    train_scores: dict[str, list[float]]  # score name -> the training set's values (histogram)
+    taus: list[float]
+    chosen_tau: dict[str, float]  # method -> chosen τ, marked on the histogram
+    notes: list[str]
+
+
 _COLORS = {
     "semantic_entropy": "tab:blue",
     "exact_entropy": "tab:orange",
@@ -254,7 +289,7 @@ def plot_histogram(
     fig.savefig(path, dpi=100)
 
 
-def render_report(data: dict[str, Any], folder: str) -> dict[str, str]:
+def render_report(data: ReportData, folder: str) -> dict[str, str]:
     """Write ``report.md`` and the PNGs into the local ``folder``; returns their paths."""
     os.makedirs(folder, exist_ok=True)
     methods = data.get("methods") or []
@@ -311,4 +346,15 @@ def render_report(data: dict[str, Any], folder: str) -> dict[str, str]:
     return paths
 
 
-__all__ = ["plot_adaptation", "plot_aed_by_method", "plot_histogram", "render_report"]
+__all__ = [
+    "METHOD_LABELS",
+    "SPLIT_TITLES",
+    "MethodData",
+    "PointScores",
+    "ReportData",
+    "SweepPointData",
+    "plot_adaptation",
+    "plot_aed_by_method",
+    "plot_histogram",
+    "render_report",
+]

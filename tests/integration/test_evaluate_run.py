@@ -4,10 +4,10 @@
   LLM judge (the reference yes/no prompt through the same engine): results + metrics.json with
   consistent counts; a question without references is rejected.
 * `se-ray run` at toy sizes (8 training questions, M=5, a two-value τ grid, SE + R-Tuning, one
-  epoch) with an OOD set: the τ sweep runs as a Ray Tune grid (Ray Train inside each trial),
-  every trained model and the untuned one are evaluated on test and OOD, report.md and the
-  PNGs are written; a rerun with the same config reuses every finished stage and does no model
-  work.
+  epoch) with 4 held-apart demo questions standing in for an OOD set: the τ sweep runs as a Ray
+  Tune grid (Ray Train inside each trial), every trained model and the untuned one are evaluated
+  on test and OOD, report.md and the PNGs are written; a rerun with the same config reuses every
+  finished stage and does no model work.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from se_ray import metrics
-from tests.conftest import ENGINE_OVERRIDES, REPO, SVAMP, run_cli
+from tests.conftest import ENGINE_OVERRIDES, REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["sampling.max_tokens=16"]
+SMALL = ["sampling.max_tokens=16", "eval.judge=f1"]
 REQUIRED = {
     "num_questions",
     "answered",
@@ -39,7 +39,7 @@ REQUIRED = {
     "engagement_ci95",
     "judge",
 }
-DEMO = REPO / "se_ray" / "demo" / "nq_open_demo.jsonl"
+DEMO = REPO / "se_ray" / "demo" / "nq_open_demo.jsonl"  # shipped: these tests never skip for data
 
 
 def _sets(*overrides: str) -> list[str]:
@@ -72,8 +72,8 @@ def _check_evaluation(out: Path, n: int, judge: str) -> tuple[dict, list[dict]]:
     return m, rows
 
 
-def test_evaluate_base_model_f1_and_llm_judge(engine, nq_dev, tmp_path):
-    lines = nq_dev.read_text().splitlines()[:8]
+def test_evaluate_base_model_f1_and_llm_judge(engine, tmp_path):
+    lines = DEMO.read_text().splitlines()[:8]
     questions = tmp_path / "nq8.jsonl"
     questions.write_text(
         "\n".join(lines) + "\n" + json.dumps({"question": "a question without references"}) + "\n"
@@ -105,7 +105,6 @@ RUN = [
     "split.train=8",
     "split.validation=4",
     "split.test=4",
-    f"split.ood_input={SVAMP}",
     "split.ood_limit=4",
     "sweep.taus=[0.5, 1.5]",
     "sweep.methods=[semantic_entropy, r_tuning]",
@@ -120,10 +119,13 @@ RUN = [
 
 
 def test_run_end_to_end_then_rerun_reuses_every_stage(engine, tmp_path):
-    if not SVAMP.exists():
-        pytest.skip(f"shared data missing: {SVAMP}")
+    # The demo's last questions, held apart from the input, stand in for an OOD set.
+    lines = DEMO.read_text().splitlines()
+    questions, ood = tmp_path / "questions.jsonl", tmp_path / "ood.jsonl"
+    questions.write_text("\n".join(lines[:-4]) + "\n")
+    ood.write_text("\n".join(lines[-4:]) + "\n")
     out = tmp_path / "run"
-    args = ["run", "--input", str(DEMO), "--output", str(out), *_sets(*RUN)]
+    args = ["run", "--input", str(questions), "--output", str(out), *_sets(*RUN, f"split.ood_input={ood}")]
     started = time.monotonic()
     res = run_cli(*args, timeout=2400)
     assert res.returncode == 0, res.stderr[-5000:]

@@ -1,10 +1,17 @@
-"""The run report rendered from a hand-made results dict: Markdown tables and non-empty PNGs."""
+"""The run report rendered from a hand-made results dict (Markdown tables and non-empty PNGs), and
+the report data and summary `se-ray run` assembles from its outcome."""
 
 from __future__ import annotations
 
+import json
 import math
 
-from se_ray.report import render_report
+from se_ray.config import load_config
+from se_ray.report import METHOD_LABELS, render_report
+from se_ray.run.plan import SweepPoint
+from se_ray.run.results import RunOutcome, publish_report, report_data, run_summary
+from se_ray.run.stages import StageLog, TrialCounts
+from se_ray.storage import Store
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -154,3 +161,65 @@ def test_report_without_sweep_or_ood(tmp_path):
     assert set(paths) == {"report", "aed"}
     md = (tmp_path / "report.md").read_text()
     assert "out-of-distribution" not in md and "adaptation.png" not in md
+
+
+def _outcome() -> RunOutcome:
+    data = _data()
+    sweep = {
+        method: [
+            SweepPoint(
+                p["tau"],
+                p["trial"],
+                None if method == "untuned" else f"d-{p['trial']}",
+                {k: v for k, v in p.items() if k in ("validation", "test", "ood")},
+            )
+            for p in points
+        ]
+        for method, points in data["sweep"].items()
+    }
+    return RunOutcome(
+        split_sizes={"train": 48, "validation": 16, "test": 32, "ood": 32},
+        methods=data["methods"],
+        sweep=sweep,
+        adaptation_split="ood",
+        train_entropies=data["train_scores"]["semantic_entropy"],
+        notes=list(data["notes"]),
+    )
+
+
+def test_report_data_from_a_run_outcome_renders(tmp_path):
+    cfg = load_config(None, ["sweep.taus=[0.5, 0.75]", "eval.judge=f1"])
+    data = report_data(cfg, _outcome())
+    assert json.loads(json.dumps(data))["sweep"] == data["sweep"]  # report_data.json holds it as is
+    assert data["setup"]["split (train / validation / test / OOD)"] == "48 / 16 / 32 / 32"
+    assert data["setup"]["judge"] == "f1 (max SQuAD F1 ≥ 0.5)"
+    assert data["chosen_tau"] == {"semantic_entropy": 0.75, "exact_entropy": 2.25}
+    assert data["taus"] == [0.5, 0.75]
+    se = data["sweep"]["semantic_entropy"][0]
+    assert se["digest"] == "d-pabc-seed0" and se["ood"]["correct"] == 1
+    assert "digest" not in data["sweep"]["untuned"][0]
+    assert [m["label"] for m in data["methods"]] == [METHOD_LABELS[m["method"]] for m in data["methods"]]
+    paths = publish_report(data, Store(str(tmp_path)))
+    assert set(paths) == {"report", "adaptation", "aed", "histogram"}
+    md = (tmp_path / "report.md").read_text()
+    assert "| SE | 0.5 | 0.691 | 0.650 | 0.711 | 1 | 3 | 28 | pabc-seed0 |" in md
+
+
+def test_run_summary_names_the_report_and_each_methods_aed(tmp_path):
+    out = Store(str(tmp_path))
+    log = StageLog(split="ran", label="ran", sweep_trials=TrialCounts(3, 0), seed_trials=TrialCounts(0, 0))
+    paths = {"report": str(tmp_path / "report.md"), "aed": str(tmp_path / "aed_by_method.png")}
+    summary = run_summary(out, paths, log, _data()["methods"], 12.345)
+    assert summary["output"] == str(tmp_path) and summary["report"] == paths["report"]
+    assert summary["figures"] == {"aed": paths["aed"]} and summary["wall_s"] == 12.35
+    assert summary["stages"]["sweep_trials"] == {"ran": 3, "reused": 0}
+    se = summary["methods"]["semantic_entropy"]
+    assert se["chosen_tau"] == 0.75 and se["seeds"] == 3
+    assert se["test_aed_mean"] == 0.6543 and se["ood_aed_ci95"] == [0.64, 0.71]
+    assert set(summary["methods"]["exact_entropy"]) == {
+        "chosen_tau",
+        "seeds",
+        "test_aed_mean",
+        "test_aed_sd",
+        "test_aed_ci95",
+    }
