@@ -126,3 +126,55 @@ def test_loaded_rows_convert_to_the_question_schema(tmp_path):
     table = load_questions(str(path), DataConfig()).to_arrow()
     assert table.column_names == ["id", "question", "references", "context"]
     assert table.num_rows == 3
+
+
+def test_no_valid_question_is_one_line_pointing_at_the_rejects(tmp_path):
+    from se_ray.data import require_questions
+
+    path = _write(tmp_path, BROKEN[1:4])
+    loaded = load_questions(str(path), DataConfig())
+    with pytest.raises(InputError) as err:
+        require_questions(loaded, "/out/rejects.jsonl")
+    assert str(err.value) == (
+        f"no valid question in {path}: 3 rows rejected, see /out/rejects.jsonl "
+        "(line 1: not valid JSON: Expecting value: line 1 column 1 (char 0))"
+    )
+    empty = _write(tmp_path, [], name="empty.jsonl")
+    with pytest.raises(InputError, match=f"^no valid question in {empty}: it holds no rows$"):
+        require_questions(load_questions(str(empty), DataConfig()), "/out/rejects.jsonl")
+    require_questions(load_questions(str(_write(tmp_path, BROKEN)), DataConfig()), "x")  # valid rows: fine
+
+
+def test_label_columns_are_checked_by_name():
+    from se_ray.data import require_label_columns
+
+    require_label_columns(
+        pa.schema([("id", pa.string()), ("question", pa.string()), ("target", pa.string())]), "t"
+    )
+    with pytest.raises(InputError) as err:
+        require_label_columns(
+            pa.schema([("id", pa.string()), ("answer", pa.string())]), "labels/part-0.parquet"
+        )
+    assert str(err.value) == (
+        "labels labels/part-0.parquet lack columns question, target (it has id, answer); "
+        "expected the labels/ folder `se-ray label` writes"
+    )
+
+
+def test_check_labels_folder(tmp_path):
+    from se_ray.data import check_labels_folder
+
+    good = pa.table({"id": ["q1"], "question": ["who?"], "target": ["me"], "tau": [1.0]})
+    (tmp_path / "run" / "labels").mkdir(parents=True)
+    pq.write_table(good, tmp_path / "run" / "labels" / "part-a.parquet")
+    (tmp_path / "run" / "labels" / ".part-b.parquet.tmp").write_text("in flight")  # skipped
+    assert check_labels_folder(str(tmp_path / "run")) == 1  # the run folder holding labels/
+    assert check_labels_folder(str(tmp_path / "run" / "labels")) == 1
+    pq.write_table(good.drop(["target"]), tmp_path / "run" / "labels" / "part-c.parquet")
+    with pytest.raises(InputError, match=r"part-c.parquet lack column target \(it has id, question, tau\)"):
+        check_labels_folder(str(tmp_path / "run"))
+    (tmp_path / "run" / "labels" / "part-c.parquet").write_text("not parquet")
+    with pytest.raises(InputError, match="part-c.parquet is not readable Parquet"):
+        check_labels_folder(str(tmp_path / "run"))
+    with pytest.raises(InputError, match="no committed Parquet parts"):
+        check_labels_folder(str(tmp_path / "nothing"))
