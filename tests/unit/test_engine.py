@@ -19,7 +19,7 @@ def test_engine_identity_is_the_whole_engine_config():
         elif isinstance(value, dict):
             changed = {**value, "OTHER": "1"}
         else:
-            changed = value + 1
+            changed = value + 1 if value >= 1 or not isinstance(value, float) else value / 2 or 0.5
         assert engine_digest(cfg.model_copy(update={key: changed})) != engine_digest(cfg), key
     two = cfg.model_copy(update={"num_engines": 2})
     assert engine_names(two) == [f"se-ray-llm-{engine_digest(cfg)}-{i}" for i in (0, 1)]
