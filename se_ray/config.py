@@ -134,7 +134,12 @@ class SamplingConfig(EngineConfig):
 
 
 class EntailmentConfig(_Section):
-    judge: Literal["embedding", "nli", "llm"] = "embedding"
+    judge: Literal["residual", "embedding", "nli", "llm"] = Field(
+        "residual",
+        description="residual: model-free, compares what each answer adds beyond the question "
+        "(names, numbers, dates); embedding: cosine of MiniLM embeddings; nli: an MNLI model; "
+        "llm: the reference prompt through a vLLM engine.",
+    )
     model: str = Field(
         "builtin:all-minilm-l6-v2",
         description="Embedding or NLI model; for judge=llm, None-like '' means the sampling model.",

@@ -144,7 +144,9 @@ def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], out: Store, source
 def check_models(cfg: JobConfig) -> None:
     """Fail before any cluster work on a model folder that does not exist (hub ids load later)."""
     resolve_model(cfg.sampling.model)
-    if cfg.entailment.judge != "llm" or cfg.entailment.model:
+    if cfg.entailment.judge in ("embedding", "nli") or (
+        cfg.entailment.judge == "llm" and cfg.entailment.model
+    ):
         resolve_model(cfg.entailment.model)
 
 

@@ -35,6 +35,10 @@ class EntailmentJudge(Protocol):
         """CONTRADICTION, NEUTRAL or ENTAILMENT per query, in order."""
         ...
 
+    def reset_cache(self) -> None:
+        """Forget what was cached for the questions of a finished batch."""
+        ...
+
 
 def are_equivalent(forward: int, backward: int, strict: bool) -> bool:
     """Strict: both directions entail. Lax (reference non-strict): no contradiction, not both neutral."""
@@ -142,6 +146,9 @@ class NLIJudge:
             self.model_calls += len(chunk)
         return out
 
+    def reset_cache(self) -> None:
+        pass
+
 
 def nli_label_map(id2label: dict[Any, str]) -> dict[int, int]:
     """Model label id -> CONTRADICTION / NEUTRAL / ENTAILMENT, by label name."""
@@ -191,8 +198,15 @@ class LLMJudge:
         self.model_calls += len(queries)
         return [NEUTRAL if isinstance(r, Rejected) else parse_llm_implication(r[0].text) for r in replies]
 
+    def reset_cache(self) -> None:
+        pass
+
 
 def build_judge(cfg: EntailmentConfig, engines: EnginePool | None = None) -> EntailmentJudge:
+    if cfg.judge == "residual":
+        from se_ray.judges.residual import ResidualJudge
+
+        return ResidualJudge()
     if cfg.judge == "embedding":
         return EmbeddingJudge(cfg)
     if cfg.judge == "nli":

@@ -16,7 +16,7 @@ from typing import Any
 from se_ray import entropy
 from se_ray.config import SamplingConfig
 from se_ray.engine import Completion, EnginePool, Rejected, request_params
-from se_ray.judges.entailment import EmbeddingJudge, EntailmentJudge
+from se_ray.judges.entailment import EntailmentJudge
 from se_ray.stages.entropy import cluster_questions
 
 
@@ -124,6 +124,5 @@ def sample_until_decided(
                 still.append(q)
         undecided = still
     calls = judge.model_calls - calls_before
-    if isinstance(judge, EmbeddingJudge):
-        judge.reset_cache()
+    judge.reset_cache()
     return EarlyStopped(high, standard, clusters, calls, rejected)

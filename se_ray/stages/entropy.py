@@ -16,7 +16,7 @@ from se_ray import columns as col
 from se_ray import entropy
 from se_ray.config import EntailmentConfig
 from se_ray.engine import EnginePool
-from se_ray.judges.entailment import EmbeddingJudge, EntailmentJudge, Query, are_equivalent, build_judge
+from se_ray.judges.entailment import EntailmentJudge, Query, are_equivalent, build_judge
 
 
 def cluster_questions(
@@ -144,8 +144,7 @@ class EntropyStage:
             self.judge, [questions[i] for i in todo], [samples[i] for i in todo], self.cfg.strict
         )
         calls = self.judge.model_calls - calls_before
-        if isinstance(self.judge, EmbeddingJudge):
-            self.judge.reset_cache()
+        self.judge.reset_cache()
         clusters: list[list[int]] = [[] for _ in samples]
         for i, ids in zip(todo, found, strict=True):
             clusters[i] = ids

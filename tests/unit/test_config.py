@@ -8,7 +8,8 @@ def test_defaults_are_the_cpu_quickstart():
     assert cfg.sampling.model == "builtin:smollm2-135m-instruct"
     assert cfg.sampling.num_samples == 10
     assert cfg.sampling.temperature == 1.0 and cfg.sampling.standard_temperature == 0.1
-    assert cfg.entailment.judge == "embedding"
+    assert cfg.entailment.judge == "residual"  # model-free: keeps contradicting answers apart
+    assert cfg.eval.judge == "contains"  # a 135M model answers in sentences: F1 would call them wrong
     assert cfg.labeling.abstention_text == ABSTENTION_TEXT
     assert cfg.ray.num_cpus == 2 and cfg.ray.address is None
 
@@ -99,3 +100,17 @@ def test_resolved_config_round_trips():
     cfg = load_config(None, ["data.limit=3"])
     again = JobConfig.model_validate(__import__("yaml").safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+def test_results_key_leaves_out_only_operational_fields():
+    from se_ray.config import results_key
+
+    cfg = load_config()
+    key = results_key(cfg.sampling)
+    assert "temperature" in key and "model" in key and "num_samples" in key
+    assert not {"batch_size", "num_engines", "num_cpus_per_engine", "request_timeout_s"} & set(key)
+    faster = load_config(None, ["sampling.batch_size=4", "entailment.num_actors=2", "train.max_failures=3"])
+    for section in ("sampling", "entailment", "train", "eval"):
+        assert results_key(getattr(faster, section)) == results_key(getattr(cfg, section)), section
+    hotter = load_config(None, ["sampling.temperature=0.7"])
+    assert results_key(hotter.sampling) != results_key(cfg.sampling)
