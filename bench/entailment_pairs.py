@@ -8,7 +8,7 @@ hand; ``split`` dev/test by question hash). A judge calls a pair equivalent when
 entailment in both directions (strict, as the clustering does). Judges:
 
 * ``embedding``: today's judge, MiniLM cosine of "{question} {answer}" >= 0.85;
-* ``residual``: ``se_ray.answer_match`` without a model;
+* ``residual``: ``se_ray.judges.residual.ResidualJudge`` without a model;
 * ``residual+minilm``: the same, plus MiniLM cosine of the residuals >= a threshold chosen on
   the dev split only (the test split is reported with it).
 
@@ -36,8 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from se_ray import answer_match as am  # noqa: E402
 from se_ray import entropy  # noqa: E402
+from se_ray.judges.entailment import ENTAILMENT  # noqa: E402
+from se_ray.judges.residual import ResidualJudge  # noqa: E402
 
 PAIRS = ROOT / "tests" / "data" / "entailment_pairs.jsonl"
 SAMPLES = ROOT / "bench" / "data" / "entailment_samples.jsonl"
@@ -113,14 +114,13 @@ def embedding_equivalence(triples: Sequence[tuple[str, str, str]]) -> Equivalenc
     return lambda q, a, b: table[(q, a, b)]
 
 
-def residual_equivalence(judge: am.ResidualJudge, triples: Sequence[tuple[str, str, str]]) -> Equivalence:
+def residual_equivalence(judge: ResidualJudge, triples: Sequence[tuple[str, str, str]]) -> Equivalence:
     queries = []
     for q, a, b in triples:
         queries += [_Q(q, a, b), _Q(q, b, a)]
     verdicts = judge.implications(queries)
     table = {
-        t: verdicts[2 * i] == am.ENTAILMENT and verdicts[2 * i + 1] == am.ENTAILMENT
-        for i, t in enumerate(triples)
+        t: verdicts[2 * i] == ENTAILMENT and verdicts[2 * i + 1] == ENTAILMENT for i, t in enumerate(triples)
     }
     return lambda q, a, b: table[(q, a, b)]
 
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     judges: dict[str, Equivalence] = {}
-    residual_judge = am.ResidualJudge()
+    residual_judge = ResidualJudge()
     judges["residual"] = residual_equivalence(residual_judge, triples_list)
     chosen = None
     if not args.no_models:
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep = {}
         for t in THRESHOLDS:
             j = residual_equivalence(
-                am.ResidualJudge(embed=minilm, threshold=t), [(p["question"], p["a"], p["b"]) for p in dev]
+                ResidualJudge(embed=minilm, threshold=t), [(p["question"], p["a"], p["b"]) for p in dev]
             )
             sweep[t] = accuracy(dev, j)
         best = max(sweep.values())
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"chosen on dev: {chosen:.2f}")
         judges["residual+minilm"] = residual_equivalence(
-            am.ResidualJudge(embed=minilm, threshold=chosen), triples_list
+            ResidualJudge(embed=minilm, threshold=chosen), triples_list
         )
         judges = {k: judges[k] for k in ("embedding", "residual", "residual+minilm")}
 

@@ -12,11 +12,11 @@ import numpy as np
 
 from se_ray.config import EntailmentConfig
 from se_ray.engine import EnginePool, Rejected, request_params
+from se_ray.judges.labels import CONTRADICTION, ENTAILMENT, NEUTRAL
 from se_ray.prompts import entailment_prompt
 
 logger = logging.getLogger(__name__)
 
-CONTRADICTION, NEUTRAL, ENTAILMENT = 0, 1, 2
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,9 @@ class ExactJudge:
         self.model_calls += len(queries)
         return [NEUTRAL] * len(queries)
 
+    def reset_cache(self):
+        pass
+
 
 @pytest.fixture
 def stage_for(monkeypatch):

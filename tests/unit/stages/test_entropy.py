@@ -33,6 +33,9 @@ class NeverEquivalent:
         self.model_calls += len(queries)
         return [NEUTRAL] * len(queries)
 
+    def reset_cache(self):
+        pass
+
 
 @pytest.mark.parametrize(
     "pair", [("-40", "40"), ("3.5", "35"), ("About 1.5 million", "About 15 million"), ("Paris.", "Paris")]
@@ -82,7 +85,7 @@ def _batch(questions, samples):
 
 
 def test_entropy_stage_adds_consistent_columns():
-    stage = EntropyStage(EntailmentConfig())
+    stage = EntropyStage(EntailmentConfig(judge="embedding"))
     out = stage(
         _batch(
             ["who wrote hamlet", "capital of peru"], [["Shakespeare"] * 4, ["Lima", "Cusco", "Lima", "Quito"]]

@@ -1,4 +1,4 @@
-"""The offline residual judge: residuals, numbers, abstentions and implications."""
+"""The model-free answer analysis: residuals, numbers, abstentions, candidates and implications."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from se_ray import answer_match as am
-from se_ray.answer_match import CONTRADICTION, ENTAILMENT, NEUTRAL
+from se_ray.answers import residual as am
+from se_ray.judges.entailment import CONTRADICTION, ENTAILMENT, NEUTRAL
 
 CHINA = "What is the capital of China?"
 FRANCE = "What is the capital of France?"
@@ -202,12 +202,11 @@ def test_similarity_below_threshold_is_neutral() -> None:
     assert res == NEUTRAL
 
 
-def test_constants_match_the_entailment_module() -> None:
-    assert (CONTRADICTION, NEUTRAL, ENTAILMENT) == (0, 1, 2)
-
-
 def test_imports_no_heavy_modules() -> None:
-    code = "import sys, se_ray.answer_match; print(sorted({'torch','ray','vllm'} & set(sys.modules)))"
+    code = (
+        "import sys, se_ray.answers.residual, se_ray.judges.residual; "
+        "print(sorted({'torch','ray','vllm'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -273,7 +272,11 @@ def test_head(question: str, answer: str, expected: str) -> None:
             "Washington D.C., not Mars.",
             "The capital is Washington.",
         ),
-        ("In which US state is the city of Orlando?", "Orlando is in the state of Florida, in the southeast.", "Florida"),
+        (
+            "In which US state is the city of Orlando?",
+            "Orlando is in the state of Florida, in the southeast.",
+            "Florida",
+        ),
         ("On which continent is Botswana?", "Botswana is on the continent of Africa.", "In Southern Africa."),
         (
             "What is the capital of the US state of Texas?",
@@ -305,47 +308,3 @@ def test_elaboration_keeps_the_answer(question: str, a: str, b: str) -> None:
 )
 def test_shared_words_do_not_make_the_same_answer(question: str, a: str, b: str) -> None:
     assert not am.equivalent(question, a, b)
-
-
-# ---------------------------------------------------------------------------- the judge class
-
-
-class _Q:
-    def __init__(self, question: str, premise: str, hypothesis: str) -> None:
-        self.question, self.premise, self.hypothesis = question, premise, hypothesis
-
-
-def test_residual_judge_without_a_model() -> None:
-    judge = am.ResidualJudge()
-    got = judge.implications(
-        [_Q(CHINA, "Beijing", "The capital of China is Beijing."), _Q(CHINA, "Beijing", "Shanghai")]
-    )
-    assert got == [ENTAILMENT, NEUTRAL]
-    assert judge.model_calls == 0
-
-
-def test_residual_judge_embeds_each_head_once_per_batch() -> None:
-    import numpy as np
-
-    batches: list[list[str]] = []
-
-    def embed(texts: list[str]) -> np.ndarray:
-        batches.append(list(texts))
-        # Two heads are "similar" when they share a first letter.
-        return np.array([[1.0, 0.0] if t.startswith("l") else [0.0, 1.0] for t in texts])
-
-    q = "Who painted the Mona Lisa?"
-    judge = am.ResidualJudge(embed=embed, threshold=0.9)
-    queries = [
-        _Q(q, "Leonardo", "Lionardo"),
-        _Q(q, "Lionardo", "Leonardo"),
-        _Q(q, "Leonardo", "Michelangelo"),
-    ]
-    assert judge.implications(queries) == [ENTAILMENT, ENTAILMENT, NEUTRAL]
-    assert len(batches) == 1 and sorted(batches[0]) == ["leonardo", "lionardo", "michelangelo"]
-    assert judge.model_calls == 3
-    judge.implications(queries)
-    assert judge.model_calls == 3  # cached
-    judge.reset_cache()
-    judge.implications(queries[:1])
-    assert judge.model_calls == 5
