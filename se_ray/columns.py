@@ -96,6 +96,16 @@ def results_schema() -> pa.Schema:
     return pa.schema(QUESTION_FIELDS[:3] + RESULT_FIELDS)
 
 
+def is_answerable(row: dict[str, Any]) -> bool:
+    """Only an explicit ``answerable: false`` marks a question about something that does not exist."""
+    return row.get(ANSWERABLE) is not False
+
+
+def is_scorable(row: dict[str, Any]) -> bool:
+    """Evaluation can score the row: it has references, or it is known to have no answer."""
+    return bool(row.get(REFERENCES)) or not is_answerable(row)
+
+
 def with_columns(table: pa.Table, columns: dict[str, tuple[list[Any], pa.DataType]]) -> pa.Table:
     """``table`` plus (or with replaced) typed columns."""
     for name, (values, dtype) in columns.items():

@@ -91,10 +91,6 @@ def resolve_eval_model(cfg: JobConfig, model: str | None) -> EvalModel:
     return EvalModel("model", cfg.sampling.model_copy(update={"model": ref}), None, ref)
 
 
-def is_answerable(row: dict[str, Any]) -> bool:
-    return row.get(col.ANSWERABLE) is not False
-
-
 def answer_questions(
     rows: Sequence[dict[str, Any]], cfg: JobConfig, pool: EnginePool, adapter: str | None = None
 ) -> list[str | Rejected]:
@@ -146,7 +142,7 @@ def judge_answers(
 ) -> AnswerFlags:
     """Abstention flags, and correctness of the answered, answerable questions."""
     abstained = [metrics.is_abstention(a, abstention_text) for a in answers]
-    answerable = [is_answerable(r) for r in rows]
+    answerable = [col.is_answerable(r) for r in rows]
     todo = [i for i, (a, ok) in enumerate(zip(abstained, answerable, strict=True)) if ok and not a]
     verdicts = judge.judge(
         [rows[i][col.QUESTION] for i in todo],
@@ -184,7 +180,7 @@ def split_references(rows: Sequence[dict[str, Any]], source: str = "") -> tuple[
     """Rows that can be scored (with references, or unanswerable), and rejects for the rest."""
     keep, rejects = [], []
     for r in rows:
-        if r.get(col.REFERENCES) or not is_answerable(r):
+        if col.is_scorable(r):
             keep.append(r)
         else:
             rejects.append(
@@ -214,7 +210,7 @@ def evaluate_rows(
 ) -> tuple[dict[str, Any], AnswerFlags]:
     """Answer, judge and score ``rows``; write ``results.parquet`` and ``metrics.json`` to ``out``.
     Returns the summary and the per-question flags."""
-    if not any(is_answerable(r) for r in rows):
+    if not any(col.is_answerable(r) for r in rows):
         raise ValueError("nothing to evaluate: no answerable questions with references")
     started = time.perf_counter()
     replies = answer_questions(rows, cfg, pool, adapter)

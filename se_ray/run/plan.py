@@ -44,15 +44,16 @@ def eval_key(cfg: JobConfig) -> dict[str, Any]:
 
 
 def split_rows(rows: Sequence[dict[str, Any]], cfg: SplitConfig) -> dict[str, list[dict[str, Any]]]:
-    """Seeded shuffle; validation then test from the questions with references, train from the rest."""
+    """Seeded shuffle; validation then test from the questions evaluation can score (with
+    references, or marked unanswerable), train from the rest."""
     order = list(rows)
     random.Random(cfg.seed).shuffle(order)
-    with_refs = [r for r in order if r.get(col.REFERENCES)]
+    with_refs = [r for r in order if col.is_scorable(r)]
     held_n = cfg.validation + cfg.test
     if len(with_refs) < held_n:
         raise ConfigError(
             f"split.validation={cfg.validation} + split.test={cfg.test} need {held_n} questions with "
-            f"references; the input has {len(with_refs)}"
+            f"references (or marked unanswerable); the input has {len(with_refs)}"
         )
     held = with_refs[:held_n]
     held_ids = {r[col.ID] for r in held}
