@@ -12,6 +12,19 @@ import os
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
+from se_ray.report_sections import (
+    KNOWLEDGE_PNG,
+    ORACLE_NOTE,
+    band_section,
+    canvas,
+    diagnostics_section,
+    judge_audit_section,
+    method_table,
+    num,
+    plot_knowledge_boundary,
+    tau,
+)
+
 REPORT_FILE = "report.md"
 ADAPTATION_PNG = "adaptation.png"
 AED_PNG = "aed_by_method.png"
@@ -55,7 +68,9 @@ class SweepPointData(TypedDict, total=False):
 class MethodData(TypedDict):
     """A row of the AED tables. ``splits`` maps ``test``/``ood`` to the scores aggregated over the
     seeds: ``num_questions``, ``<score>_mean`` and ``<score>_sd`` (aed, accuracy, engagement,
-    correct, incorrect, abstained), ``<metric>_ci95`` ([low, high] of the mean)."""
+    correct, incorrect, abstained), ``<metric>_ci95`` ([low, high] of the mean); optionally
+    ``gap_closed`` (share of the untuned-to-oracle AED gap, None when there is none),
+    ``unanswerable`` (questions about things that do not exist) and ``unanswerable_abstained_mean``."""
 
     method: str
     label: str
@@ -74,6 +89,12 @@ class ReportData(TypedDict, total=False):
     taus: list[float]
     chosen_tau: dict[str, float]  # method -> chosen τ, marked on the histogram
     notes: list[str]
+    # split -> the oracle abstainer: aed, accuracy, engagement, correct, incorrect, abstained, num_questions
+    oracle: dict[str, dict[str, Any]]
+    # {"split", "bands": [{"band", "n", "models": {method: {n, correct, abstained, accuracy, abstention}}}]}
+    knowledge_boundary: dict[str, Any]
+    judge_audit: dict[str, Any] | None  # the untuned model's on the test split (evaluate's judge_audit)
+    score_diagnostics: dict[str, Any] | None  # the label stage's: AUROC/AURAC of each score
 
 
 _COLORS = {
@@ -82,54 +103,6 @@ _COLORS = {
     "r_tuning": "tab:green",
     "untuned": "black",
 }
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}"
-
-
-def _mean_sd(scores: dict[str, Any], name: str, digits: int = 3) -> str:
-    mean, sd = scores.get(f"{name}_mean"), scores.get(f"{name}_sd")
-    if sd is None or (isinstance(sd, float) and math.isnan(sd)):
-        return _num(mean, digits)
-    return f"{_num(mean, digits)} ± {_num(sd, digits)}"
-
-
-def _interval(ci: Sequence[float] | None) -> str:
-    if not ci or any(c is None or (isinstance(c, float) and math.isnan(c)) for c in ci):
-        return "–"
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def _tau(value: Any) -> str:
-    return "–" if value is None else f"{value:g}"
-
-
-def _method_table(methods: list[dict[str, Any]], split: str) -> list[str]:
-    rows = [m for m in methods if split in (m.get("splits") or {})]
-    if not rows:
-        return []
-    n = rows[0]["splits"][split].get("num_questions")
-    lines = [
-        f"### AED on the {SPLIT_TITLES.get(split, split)} ({n} questions; lower is better)",
-        "",
-        "| method | τ | seeds | AED (mean ± s.d.) | AED 95% CI | accuracy | engagement "
-        "| correct | incorrect | abstained |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for m in rows:
-        s = m["splits"][split]
-        lines.append(
-            f"| {m['label']} | {_tau(m.get('chosen_tau'))} | {m.get('seeds', 1)} | {_mean_sd(s, 'aed')} | "
-            f"{_interval(s.get('aed_ci95'))} | {_mean_sd(s, 'accuracy')} | {_mean_sd(s, 'engagement')} | "
-            f"{_num(s.get('correct_mean'), 1)} | {_num(s.get('incorrect_mean'), 1)} | "
-            f"{_num(s.get('abstained_mean'), 1)} |"
-        )
-    return [*lines, ""]
 
 
 def _sweep_table(sweep: dict[str, list[dict[str, Any]]], labels: dict[str, str], split: str) -> list[str]:
@@ -149,28 +122,19 @@ def _sweep_table(sweep: dict[str, list[dict[str, Any]]], labels: dict[str, str],
         for p in ps:
             counts = p.get(split) or {}
             lines.append(
-                f"| {labels.get(method, method)} | {_tau(p.get('tau'))} | "
-                + " | ".join(_num((p.get(s) or {}).get("aed")) for s in splits)
-                + f" | {_num(counts.get('correct'))} | {_num(counts.get('incorrect'))} | "
-                f"{_num(counts.get('abstained'))} | {p.get('trial') or '–'} |"
+                f"| {labels.get(method, method)} | {tau(p.get('tau'))} | "
+                + " | ".join(num((p.get(s) or {}).get("aed")) for s in splits)
+                + f" | {num(counts.get('correct'))} | {num(counts.get('incorrect'))} | "
+                f"{num(counts.get('abstained'))} | {p.get('trial') or '–'} |"
             )
     return [*lines, ""]
-
-
-def _canvas(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def plot_adaptation(
     sweep: dict[str, list[dict[str, Any]]], labels: dict[str, str], split: str, path: str
 ) -> None:
     """Incorrect (x) vs correct (y) answers, one point per τ per method (the paper's Fig. 3)."""
-    fig = _canvas(6.5, 4.8)
+    fig = canvas(6.5, 4.8)
     ax = fig.add_subplot(1, 1, 1)
     total = None
     for method, all_points in sweep.items():
@@ -226,7 +190,7 @@ def plot_aed_by_method(methods: list[dict[str, Any]], path: str) -> None:
     import numpy as np
 
     splits = [s for s in ("test", "ood") if any(s in (m.get("splits") or {}) for m in methods)]
-    fig = _canvas(max(5.0, 1.4 * len(methods) + 2), 4.2)
+    fig = canvas(max(5.0, 1.4 * len(methods) + 2), 4.2)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(splits))
     x = np.arange(len(methods))
@@ -269,7 +233,7 @@ def plot_histogram(
     """The training set's scores, the τ grid (dotted) and the chosen τ (solid)."""
     import numpy as np
 
-    fig = _canvas(6.0, 3.8)
+    fig = canvas(6.0, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     data = np.asarray([v for v in values if v is not None], dtype=float)
     top = max([2.31, *taus, *(data.tolist() or [0.0])]) + 0.05
@@ -289,15 +253,7 @@ def plot_histogram(
     fig.savefig(path, dpi=100)
 
 
-def render_report(data: ReportData, folder: str) -> dict[str, str]:
-    """Write ``report.md`` and the PNGs into the local ``folder``; returns their paths."""
-    os.makedirs(folder, exist_ok=True)
-    methods = data.get("methods") or []
-    sweep = data.get("sweep") or {}
-    labels = {m["method"]: m["label"] for m in methods}
-    split = data.get("adaptation_split", "validation")
-    paths = {"report": os.path.join(folder, REPORT_FILE)}
-
+def _header(data: ReportData) -> list[str]:
     lines = [f"# {data.get('title', 'se-ray run')}", ""]
     setup = data.get("setup") or {}
     if setup:
@@ -310,8 +266,18 @@ def render_report(data: ReportData, folder: str) -> dict[str, str]:
         "Intervals: 95% percentile bootstrap over questions (of the mean over seeds).",
         "",
     ]
+    if data.get("oracle"):
+        lines += [ORACLE_NOTE, ""]
+    return lines
+
+
+def _headline(data: ReportData, labels: dict[str, str], folder: str, paths: dict[str, str]) -> list[str]:
+    """The method tables, the chosen τ and the knowledge boundary (table and figure)."""
+    methods = data.get("methods") or []
+    oracle = data.get("oracle") or {}
+    lines: list[str] = []
     for s in ("test", "ood"):
-        lines += _method_table(methods, s)
+        lines += method_table(methods, s, SPLIT_TITLES.get(s, s), oracle.get(s))
     chosen = {m["method"]: m.get("chosen_tau") for m in methods if m.get("chosen_tau") is not None}
     if chosen:
         lines += [
@@ -319,6 +285,24 @@ def render_report(data: ReportData, folder: str) -> dict[str, str]:
             + ", ".join(f"{labels.get(k, k)} τ = {v:g}" for k, v in chosen.items()),
             "",
         ]
+    boundary = data.get("knowledge_boundary") or {}
+    if boundary.get("bands"):
+        title = SPLIT_TITLES.get(boundary.get("split", "test"), "test")
+        lines += band_section(boundary, labels, title)
+        paths["knowledge_boundary"] = os.path.join(folder, KNOWLEDGE_PNG)
+        plot_knowledge_boundary(boundary["bands"], labels, title, paths["knowledge_boundary"])
+    return lines
+
+
+def render_report(data: ReportData, folder: str) -> dict[str, str]:
+    """Write ``report.md`` and the PNGs into the local ``folder``; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    methods = data.get("methods") or []
+    sweep = data.get("sweep") or {}
+    labels = {**METHOD_LABELS, **{m["method"]: m["label"] for m in methods}}
+    split = data.get("adaptation_split", "validation")
+    paths = {"report": os.path.join(folder, REPORT_FILE)}
+    lines = _header(data) + _headline(data, labels, folder, paths)
     if any(sweep.values()):
         lines += _sweep_table(sweep, labels, split)
         paths["adaptation"] = os.path.join(folder, ADAPTATION_PNG)
@@ -338,6 +322,8 @@ def render_report(data: ReportData, folder: str) -> dict[str, str]:
             paths["histogram"],
         )
         lines += [f"![semantic entropy of the training set]({HISTOGRAM_PNG})", ""]
+    lines += diagnostics_section(data.get("score_diagnostics"))
+    lines += judge_audit_section(data.get("judge_audit"), SPLIT_TITLES["test"])
     notes = data.get("notes") or []
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
@@ -356,5 +342,6 @@ __all__ = [
     "plot_adaptation",
     "plot_aed_by_method",
     "plot_histogram",
+    "plot_knowledge_boundary",
     "render_report",
 ]

@@ -27,6 +27,7 @@ from typing import Any
 from se_ray import columns as col
 from se_ray.config import JobConfig
 from se_ray.engine import Engines
+from se_ray.evaluate import AnswerFlags
 from se_ray.report import METHOD_LABELS, MethodData
 from se_ray.run.plan import (
     R_TUNING,
@@ -44,18 +45,22 @@ from se_ray.run.plan import (
     trial_spec,
 )
 from se_ray.run.results import (
+    BOUNDARY_SPLIT,
     REPORT_DATA_FILE,
     SUMMARY_FILE,
     RunOutcome,
+    band_table,
     publish_report,
     report_data,
     run_summary,
     split_title,
+    unanswerable_scores,
 )
 from se_ray.run.stages import (
     Evaluation,
     RunFolders,
     Splits,
+    Stage,
     StageLog,
     TrialCounts,
     evaluate_model,
@@ -107,6 +112,8 @@ class _Run:
         self.label_key = ""
         self.plan = SweepPlan({}, {})
         self.trials: dict[str, TrialResult] = {}
+        self.boundary_flags: dict[str, AnswerFlags] = {}  # method -> first seed's flags on the test split
+        self.judge_audit: dict[str, Any] | None = None
 
     def spec(self, digest: str, seed: int) -> TrialSpec:
         rule = self.plan.partitions[digest].rule
@@ -208,6 +215,11 @@ class _Run:
                 [correct for _, correct in flags],
                 self.cfg.eval.bootstrap_samples,
             )
+            entry["splits"][split].update(unanswerable_scores([e.summary for e in evaluations]))
+            if split == BOUNDARY_SPLIT:
+                self.boundary_flags[method] = evaluations[0].flags
+                if method == UNTUNED:
+                    self.judge_audit = evaluations[0].summary.get("judge_audit")
         return entry
 
     def final(self, chosen: dict[str, SweepPoint]) -> list[MethodData]:
@@ -233,7 +245,18 @@ class _Run:
         self.all_thresholds(sweep_points)
         methods = self.final(chosen)
         sizes = {name: len(rows) for name, rows in self.splits.rows.items()}
-        return RunOutcome(sizes, methods, sweep_points, self.splits.adaptation, train_entropies, self.notes)
+        label_summary = Stage(self.folders.label, self.label_key).cached() or {}
+        return RunOutcome(
+            sizes,
+            methods,
+            sweep_points,
+            self.splits.adaptation,
+            train_entropies,
+            self.notes,
+            bands=band_table(self.splits[BOUNDARY_SPLIT], self.boundary_flags),
+            judge_audit=self.judge_audit,
+            score_diagnostics=label_summary.get("score_diagnostics"),
+        )
 
 
 def run_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
@@ -256,7 +279,7 @@ def run_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
     data = report_data(cfg, outcome)
     root.write_json(REPORT_DATA_FILE, data)
     paths = publish_report(data, root)
-    summary = run_summary(root, paths, run.log, outcome.methods, time.perf_counter() - started)
+    summary = run_summary(root, paths, run.log, data, time.perf_counter() - started)
     root.write_json(SUMMARY_FILE, summary)
     logger.info("run done in %.1f s: %s", summary["wall_s"], json.dumps(summary["methods"]))
     return summary

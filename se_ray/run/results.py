@@ -4,18 +4,26 @@ and the summary (``summary.json``, the CLI's output)."""
 from __future__ import annotations
 
 import os
+import re
+import statistics
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from se_ray import columns as col
+from se_ray import metrics
 from se_ray.config import JobConfig
+from se_ray.evaluate import AnswerFlags
 from se_ray.report import SPLIT_TITLES, MethodData, ReportData, render_report
-from se_ray.run.plan import SPLITS, SweepPoint
+from se_ray.run.plan import SPLITS, UNTUNED, SweepPoint
 from se_ray.run.stages import StageLog
 from se_ray.storage import Store, is_uri, write_bytes_atomic
 
 REPORT_DATA_FILE = "report_data.json"
 SUMMARY_FILE = "summary.json"
+BAND = "band"  # optional question field: its popularity band, e.g. "q1 (most popular)"
+BOUNDARY_SPLIT = "test"  # the split the knowledge boundary and the judge audit show
 
 
 @dataclass
@@ -28,6 +36,101 @@ class RunOutcome:
     adaptation_split: str
     train_entropies: list[float]
     notes: list[str]
+    bands: list[dict[str, Any]] = field(default_factory=list)  # band_table on the test split
+    judge_audit: dict[str, Any] | None = None  # the untuned model's on the test split
+    score_diagnostics: dict[str, Any] | None = None  # the label stage's
+
+
+def unanswerable_scores(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Abstention on questions about things that do not exist, over one method's seeds (evaluation
+    summaries): how many there are and the mean number abstained on (None when there are none)."""
+    total = summaries[0].get("unanswerable") or 0
+    abstained = [s.get("unanswerable_abstained") or 0 for s in summaries]
+    return {
+        "unanswerable": total,
+        "unanswerable_abstained_mean": float(statistics.fmean(abstained)) if total else None,
+    }
+
+
+def gap_closed(untuned_aed: float, method_aed: float, oracle_aed: float) -> float | None:
+    """The share of the untuned-to-oracle AED gap a method closes; None when there is no gap."""
+    gap = untuned_aed - oracle_aed
+    if abs(gap) < 1e-12:
+        return None
+    return (untuned_aed - method_aed) / gap
+
+
+def oracle_scores(untuned: Mapping[str, Any]) -> dict[str, Any]:
+    """The oracle abstainer of one split (from the untuned model's aggregated scores): it answers
+    exactly what the untuned model gets right and abstains on the rest."""
+    n = int(untuned["num_questions"])
+    correct = round(untuned["correct_mean"])
+    return {
+        "aed": metrics.oracle_aed(n, correct),
+        "accuracy": correct / n,
+        "engagement": correct / n,
+        "correct": correct,
+        "incorrect": 0,
+        "abstained": n - correct,
+        "num_questions": n,
+    }
+
+
+def with_oracle(methods: list[MethodData]) -> tuple[list[MethodData], dict[str, dict[str, Any]]]:
+    """The oracle per split the untuned model was evaluated on, and the methods with ``gap_closed``."""
+    untuned = next((m["splits"] for m in methods if m["method"] == UNTUNED), {})
+    oracle = {split: oracle_scores(s) for split, s in untuned.items()}
+    out: list[MethodData] = []
+    for m in methods:
+        splits = {
+            split: {
+                **s,
+                "gap_closed": gap_closed(untuned[split]["aed_mean"], s["aed_mean"], oracle[split]["aed"]),
+            }
+            if split in oracle
+            else s
+            for split, s in m["splits"].items()
+        }
+        out.append({**m, "splits": splits})
+    return out, oracle
+
+
+def _band_order(band: str) -> list[Any]:
+    # Natural order, so "q2" comes before "q10".
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", band)]
+
+
+def _band_scores(flags: AnswerFlags, band_of: Mapping[str, str], band: str) -> dict[str, Any]:
+    picked = [
+        (a, c)
+        for i, a, c in zip(flags.ids, flags.abstained, flags.correct, strict=True)
+        if band_of.get(i) == band
+    ]
+    n = len(picked)
+    correct = sum(bool(c) for _, c in picked)
+    abstained = sum(bool(a) for a, _ in picked)
+    return {
+        "n": n,
+        "correct": correct,
+        "abstained": abstained,
+        "accuracy": correct / n if n else None,
+        "abstention": abstained / n if n else None,
+    }
+
+
+def band_table(rows: Sequence[Mapping[str, Any]], flags: Mapping[str, AnswerFlags]) -> list[dict[str, Any]]:
+    """Per popularity band of the answerable ``rows`` (bands in natural order: "q1 (most popular)"
+    first), each model's counts and shares from its per-question flags; [] when no row has a band."""
+    band_of = {r[col.ID]: str(r[BAND]) for r in rows if r.get(BAND) and col.is_answerable(r)}
+    bands = sorted(set(band_of.values()), key=_band_order)
+    return [
+        {
+            "band": band,
+            "n": sum(b == band for b in band_of.values()),
+            "models": {method: _band_scores(f, band_of, band) for method, f in flags.items()},
+        }
+        for band in bands
+    ]
 
 
 def judge_label(cfg: JobConfig) -> str:
@@ -58,17 +161,24 @@ def _setup(cfg: JobConfig, split_sizes: dict[str, int]) -> dict[str, Any]:
 
 
 def report_data(cfg: JobConfig, outcome: RunOutcome) -> ReportData:
-    return {
+    methods, oracle = with_oracle(outcome.methods)
+    data: ReportData = {
         "title": "se-ray run: abstention fine-tuning with semantic entropy",
         "setup": _setup(cfg, outcome.split_sizes),
-        "methods": outcome.methods,
+        "methods": methods,
+        "oracle": oracle,
         "sweep": {m: [p.to_report() for p in points] for m, points in outcome.sweep.items()},
         "adaptation_split": outcome.adaptation_split,
         "train_scores": {"semantic_entropy": outcome.train_entropies},
         "taus": list(cfg.sweep.taus),
         "chosen_tau": {m["method"]: m["chosen_tau"] for m in outcome.methods if m["chosen_tau"] is not None},
         "notes": outcome.notes,
+        "judge_audit": outcome.judge_audit,
+        "score_diagnostics": outcome.score_diagnostics,
     }
+    if outcome.bands:
+        data["knowledge_boundary"] = {"split": BOUNDARY_SPLIT, "bands": outcome.bands}
+    return data
 
 
 def split_title(split: str) -> str:
@@ -89,10 +199,22 @@ def publish_report(data: ReportData, out: Store) -> dict[str, str]:
         return paths
 
 
+SUMMARY_SPLIT_KEYS = (
+    "aed_mean",
+    "aed_sd",
+    "aed_ci95",
+    "gap_closed",
+    "unanswerable",
+    "unanswerable_abstained_mean",
+)
+
+
 def run_summary(
-    out: Store, paths: dict[str, str], log: StageLog, methods: list[MethodData], wall_s: float
+    out: Store, paths: dict[str, str], log: StageLog, data: ReportData, wall_s: float
 ) -> dict[str, Any]:
-    """``summary.json``: where the report is, what each stage did, and each method's AED per split."""
+    """``summary.json``: where the report is, what each stage did, each method's AED per split (and
+    the share of the oracle gap it closes, its abstention on unanswerable questions), the oracle's
+    AED per split and the labeller diagnostics."""
     return {
         "output": out.location,
         "report": paths.get("report"),
@@ -102,13 +224,11 @@ def run_summary(
             m["method"]: {
                 "chosen_tau": m["chosen_tau"],
                 "seeds": m["seeds"],
-                **{
-                    f"{s}_{k}": v[k]
-                    for s, v in m["splits"].items()
-                    for k in ("aed_mean", "aed_sd", "aed_ci95")
-                },
+                **{f"{s}_{k}": v[k] for s, v in m["splits"].items() for k in SUMMARY_SPLIT_KEYS if k in v},
             }
-            for m in methods
+            for m in data.get("methods") or []
         },
+        "oracle": {s: o["aed"] for s, o in (data.get("oracle") or {}).items()},
+        "score_diagnostics": data.get("score_diagnostics"),
         "wall_s": round(wall_s, 2),
     }

@@ -48,7 +48,7 @@ def _data():
                 "seeds": 1,
                 "splits": {
                     "test": _split(0.7123, None, [0.65, 0.77], 0.0625, 1.0, 2, 30, 0),
-                    "ood": _split(0.7071, None, [0.70, 0.72], 0.0, 1.0, 0, 32, 0),
+                    "ood": _split(1.0, None, [1.0, 1.0], 0.0, 1.0, 0, 32, 0),
                 },
             },
             {
@@ -209,7 +209,7 @@ def test_run_summary_names_the_report_and_each_methods_aed(tmp_path):
     out = Store(str(tmp_path))
     log = StageLog(split="ran", label="ran", sweep_trials=TrialCounts(3, 0), seed_trials=TrialCounts(0, 0))
     paths = {"report": str(tmp_path / "report.md"), "aed": str(tmp_path / "aed_by_method.png")}
-    summary = run_summary(out, paths, log, _data()["methods"], 12.345)
+    summary = run_summary(out, paths, log, {"methods": _data()["methods"]}, 12.345)
     assert summary["output"] == str(tmp_path) and summary["report"] == paths["report"]
     assert summary["figures"] == {"aed": paths["aed"]} and summary["wall_s"] == 12.35
     assert summary["stages"]["sweep_trials"] == {"ran": 3, "reused": 0}
@@ -223,3 +223,155 @@ def test_run_summary_names_the_report_and_each_methods_aed(tmp_path):
         "test_aed_sd",
         "test_aed_ci95",
     }
+    assert summary["oracle"] == {} and summary["score_diagnostics"] is None
+
+
+def _band(name: str, untuned: tuple[int, int], se: tuple[int, int], n: int = 4) -> dict:
+    """A band of ``n`` questions; per model (correct, abstained)."""
+    return {
+        "band": name,
+        "n": n,
+        "models": {
+            m: {"n": n, "correct": c, "abstained": a, "accuracy": c / n, "abstention": a / n}
+            for m, (c, a) in (("untuned", untuned), ("semantic_entropy", se))
+        },
+    }
+
+
+BANDS = [_band("q1 (most popular)", (3, 0), (3, 1)), _band("q5 (least popular)", (1, 0), (0, 3))]
+AUDIT = {
+    "answered": 30,
+    "correct": {"contains": 12, "f1": 3, "exact": 10},
+    "disagreements": 9,
+    "examples": [
+        {
+            "question": "What is the capital of France?",
+            "answer": "The capital of France is Paris.",
+            "references": ["Paris"],
+            "contains": True,
+            "f1": False,
+            "exact": True,
+        },
+        {
+            "question": "Is a | b a question?",
+            "answer": "Yes,\nit is.",
+            "references": ["yes", "indeed"],
+            "contains": True,
+            "f1": True,
+            "exact": False,
+        },
+    ],
+}
+DIAGNOSTICS = {
+    "judge": "contains",
+    "judged": 40,
+    "standard_wrong": 30,
+    "semantic_entropy": {"auroc": 0.7123, "aurac": 0.3456},
+    "regular_semantic_entropy": {"auroc": 0.65, "aurac": 0.3},
+    "exact_entropy": {"auroc": math.nan, "aurac": 0.2},
+}
+
+
+def _full_data():
+    """``_data()`` with what a run now adds: the oracle, the gap closed, abstention on unanswerable
+    questions, the knowledge boundary, the judge audit and the labeller diagnostics."""
+    data = _data()
+    data["oracle"] = {
+        "test": {
+            "aed": 0.6629,
+            "accuracy": 0.0625,
+            "engagement": 0.0625,
+            "correct": 2,
+            "incorrect": 0,
+            "abstained": 30,
+            "num_questions": 32,
+        }
+    }
+    extras = {
+        "untuned": (0.0, 8, 0.0),
+        "semantic_entropy": (0.4, 8, 16 / 3),
+        "exact_entropy": (0.25, 8, 2.0),
+        "r_tuning": (None, 0, None),
+    }
+    for m in data["methods"]:
+        gap, total, abstained = extras[m["method"]]
+        m["splits"]["test"] |= {
+            "gap_closed": gap,
+            "unanswerable": total,
+            "unanswerable_abstained_mean": abstained,
+        }
+    data["knowledge_boundary"] = {"split": "test", "bands": BANDS}
+    data["judge_audit"] = AUDIT
+    data["score_diagnostics"] = DIAGNOSTICS
+    return data
+
+
+def test_report_shows_the_oracle_the_gap_and_unanswerable_questions(tmp_path):
+    render_report(_full_data(), str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "| abstained | gap closed | abstained on unanswerable |" in md
+    assert "| Untuned | – | 1 | 0.712 | [0.650, 0.770] | 0.062 | 1.000 | 2 | 30 | 0 | 0% | 0 of 8 |" in md
+    assert (
+        "| SE | 0.75 | 3 | 0.654 ± 0.012 | [0.610, 0.700] | 0.094 ± 0.010 | 0.500 ± 0.020 "
+        "| 3.0 | 13.0 | 16.0 | 40% | 5.3 of 8 |" in md
+    )
+    assert "| R-Tuning-U | 2.25 | 3 | 0.690 ± 0.005 |" in md and "| 25% | 2 of 8 |" in md
+    assert "| 2.0 | 29.0 | n/a | – |" in md  # R-Tuning: no gap known, no unanswerable questions
+    assert (
+        "| Oracle (abstains where untuned is wrong) | – | – | 0.663 | – | 0.062 | 0.062 | 2 | 0 | 30 "
+        "| 100% | – |" in md
+    )
+    assert "(1 − untuned accuracy)/√2" in md
+    assert "of the 8 questions about things that do not exist, how many the model abstained on" in md
+    # the OOD table: no oracle, no unanswerable questions, no extra columns
+    ood = md.split("AED on the out-of-distribution set")[1].split("\n\n")[1]
+    assert ood.splitlines()[0].endswith("| correct | incorrect | abstained |") and "Oracle" not in ood
+
+
+def test_report_shows_the_knowledge_boundary(tmp_path):
+    paths = render_report(_full_data(), str(tmp_path))
+    assert set(paths) == {"report", "adaptation", "aed", "histogram", "knowledge_boundary"}
+    with open(paths["knowledge_boundary"], "rb") as f:
+        png = f.read()
+    assert png[:8] == PNG_MAGIC and len(png) > 5000
+    md = (tmp_path / "report.md").read_text()
+    assert "Accuracy and abstention by popularity band (in-distribution test split" in md
+    assert "| band | n | Untuned correct | Untuned abstained | SE correct | SE abstained |" in md
+    assert "| q1 (most popular) | 4 | 75% (3) | 0% (0) | 75% (3) | 25% (1) |" in md
+    assert "| q5 (least popular) | 4 | 25% (1) | 0% (0) | 0% (0) | 75% (3) |" in md
+    assert "](knowledge_boundary.png)" in md
+
+
+def test_report_shows_the_judge_audit_and_the_labeller_diagnostics(tmp_path):
+    render_report(_full_data(), str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "## Judge audit (untuned model, in-distribution test split)" in md
+    assert "Of the 30 answers the untuned model gave" in md
+    assert "| contains (a reference occurs as whole tokens) | 12 | 40% |" in md
+    assert "| f1 (max SQuAD F1 ≥ threshold) | 3 | 10% |" in md
+    assert "They disagree on 9 answers." in md
+    assert "| question | answer | references | contains | f1 | exact |" in md
+    assert (
+        "| What is the capital of France? | The capital of France is Paris. | Paris | yes | no | yes |" in md
+    )
+    assert "| Is a \\| b a question? | Yes, it is. | yes; indeed | yes | yes | no |" in md
+    assert "## Does the entropy predict wrong answers?" in md
+    assert "on the 40 training questions with references, the `contains` judge" in md
+    assert "wrong on 30 (75%)" in md
+    assert "| discrete semantic entropy (SE's labels) | 0.712 | 0.346 |" in md
+    assert "| regular semantic entropy (token probabilities) | 0.650 | 0.300 |" in md
+    assert "| exact-string entropy (R-Tuning-U's labels) | – | 0.200 |" in md  # NaN AUROC: one class
+
+
+def test_report_leaves_out_the_new_sections_without_their_data(tmp_path):
+    render_report(_data(), str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    for absent in (
+        "Oracle",
+        "gap closed",
+        "unanswerable",
+        "popularity band",
+        "Judge audit",
+        "entropy predict",
+    ):
+        assert absent not in md
