@@ -1,16 +1,39 @@
-"""The `se-ray` command: one verb per job function (label, train, evaluate, run)."""
+"""The `se-ray` command: one verb per job function (label, train, evaluate, run).
+
+The contract every verb keeps: stdout holds exactly its JSON summary (everything else,
+Ray's forwarded worker logs included, goes to stderr); an error is one line on stderr's
+last line and a non-zero exit; SIGINT and SIGTERM end the verb within 15 s with one line
+and exit 130 / 143, keeping committed parts. A verb that writes an output takes the lease
+on it first, so a second copy of the same job refuses instead of duplicating rows.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
+import signal
 import sys
+import traceback
 from typing import Any
 
 from se_ray.config import ConfigError, JobConfig, load_config
+from se_ray.console import (
+    Interrupted,
+    SummaryOutput,
+    arm_watchdog,
+    install_signal_handlers,
+    interrupted_message,
+    received_signal,
+    write_line_once,
+)
+
+SUMMARY_FILE = "summary.json"  # every verb writes its closing summary beside its output
 
 logger = logging.getLogger("se_ray")
+
+EXIT_ERROR = 1  # an unexpected failure (a bug, a crashed engine)
+EXIT_USAGE = 2  # bad input, config or output: fix the command and rerun
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -22,6 +45,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a dotted config key, e.g. --set sampling.num_samples=5 (repeatable)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="take the output's lease even from a live run (default: refuse while its heartbeat is fresh)",
     )
 
 
@@ -55,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder (default: the config's output)")
     _common(p)
 
-    p = verbs.add_parser("prepare-models", help="prepare the built-in offline models into the cache")
+    verbs.add_parser("prepare-models", help="prepare the built-in offline models into the cache")
     return parser
 
 
@@ -65,64 +93,138 @@ def _require(value: str | None, what: str) -> str:
     return value
 
 
-def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> dict[str, Any]:
+def _output(args: argparse.Namespace, cfg: JobConfig) -> str:
+    if args.verb in ("label", "run"):
+        return _require(args.output or cfg.output, "--output")
+    return _require(args.output, "--output")
+
+
+def _dispatch(args: argparse.Namespace, cfg: JobConfig, output: str) -> dict[str, Any]:
     if args.verb == "label":
         from se_ray.label import label_job
 
-        return label_job(
-            cfg, _require(args.input or cfg.input, "--input"), _require(args.output or cfg.output, "--output")
-        )
+        return label_job(cfg, _require(args.input or cfg.input, "--input"), output)
     if args.verb == "train":
         from se_ray.train import train_job
 
-        return train_job(cfg, labels=args.labels, output=args.output, resume=args.resume)
+        return train_job(cfg, labels=args.labels, output=output, resume=args.resume)
     if args.verb == "evaluate":
         from se_ray.evaluate import evaluate_job
 
-        return evaluate_job(cfg, model=args.model, input=args.input, output=args.output)
+        return evaluate_job(cfg, model=args.model, input=args.input, output=output)
     if args.verb == "run":
         from se_ray.run import run_job
 
-        return run_job(
-            cfg,
-            input=_require(args.input or cfg.input, "--input"),
-            output=_require(args.output or cfg.output, "--output"),
-        )
+        return run_job(cfg, input=_require(args.input or cfg.input, "--input"), output=output)
     raise AssertionError(args.verb)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def _prepare_models() -> dict[str, Any]:
+    from se_ray.models import BUILTIN_MODELS, prepare_builtin
+
+    return {"models": {name: str(prepare_builtin(name)) for name in BUILTIN_MODELS}}
+
+
+def _run_verb(args: argparse.Namespace) -> dict[str, Any]:
+    from se_ray.lease import OutputLease, check_output_location
+    from se_ray.storage import Store
+
+    if args.verb == "prepare-models":
+        return _prepare_models()
+    cfg = load_config(args.config, args.overrides)
+    output = _output(args, cfg)
+    # Cheap checks first: a bad output or labels folder fails in a second, before Ray starts.
+    check_output_location(output, cfg.storage)
+    if args.verb == "train":
+        from se_ray.data import check_labels_folder
+
+        check_labels_folder(args.labels, cfg.storage)
+    command = " ".join(["se-ray", *sys.argv[1:]])[:500]
+    with OutputLease(
+        output, cfg.storage, stale_s=cfg.storage.lease_stale_s, force=args.force, command=command
+    ):
+        summary = _dispatch(args, cfg, output)
+    Store(output, cfg.storage).write_json(SUMMARY_FILE, summary)
+    return summary
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
     from se_ray.data import InputError
+    from se_ray.lease import LeaseHeldError, LeaseLostError, OutputError
     from se_ray.models import ModelNotFoundError
 
-    try:
-        if args.verb == "prepare-models":
-            from se_ray.models import BUILTIN_MODELS, prepare_builtin
+    return (
+        ConfigError,
+        InputError,
+        ModelNotFoundError,
+        OutputError,
+        LeaseHeldError,
+        LeaseLostError,
+        FileExistsError,
+        FileNotFoundError,
+    )
 
-            for name in BUILTIN_MODELS:
-                print(f"{name}: {prepare_builtin(name)}")
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        summary = _dispatch(args, cfg)
-    except (ConfigError, InputError, ModelNotFoundError) as e:
-        print(f"se-ray {args.verb}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"se-ray {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+
+def main(argv: list[str] | None = None, *, restore_stdout: bool = False) -> int:
+    """Entry point. ``restore_stdout`` gives fd 1 back at the end (for in-process callers)."""
+    args = build_parser().parse_args(argv)  # --help and usage errors print before the redirect
+    prog = f"se-ray {args.verb}"
+    install_signal_handlers(prog)
+    with SummaryOutput(restore=restore_stdout) as out:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+            stream=sys.stderr,
+        )
+        code, summary = _main(args, prog)
+        if summary is not None:
+            out.emit(summary)
+    return code
+
+
+def _main(args: argparse.Namespace, prog: str) -> tuple[int, dict[str, Any] | None]:
+    try:
+        return 0, _run_verb(args)
+    except Interrupted as e:
+        _end(prog, interrupted_message(e.signum))
+        return e.exit_code, None
+    except SystemExit as e:
+        # ray.init replaces the SIGTERM handler with sys.exit(15) unless our handler was put
+        # back after it: the same signal, so the same ending.
+        if e.code == signal.SIGTERM and received_signal() is None:
+            arm_watchdog(signal.SIGTERM)
+            _end(prog, interrupted_message(signal.SIGTERM))
+            return 128 + signal.SIGTERM, None
+        raise
+    except _known_errors() as e:
+        _end(prog, f"error: {_message(e)}")
+        return EXIT_USAGE, None
     except Exception as e:
         if _is_model_load_error(e):
-            print(f"se-ray {args.verb}: error: could not load the model: {_first_line(e)}", file=sys.stderr)
-            return 1
-        raise
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+            _end(prog, f"error: could not load the model: {_first_line(e)}")
+            return EXIT_ERROR, None
+        # A bug or an unforeseen failure: the traceback helps, the last line still says what.
+        traceback.print_exc(file=sys.stderr)
+        _end(prog, f"error: {type(e).__name__}: {_first_line(e)}")
+        return EXIT_ERROR, None
+
+
+def _end(prog: str, message: str) -> None:
+    """Write the closing line as stderr's last: stop Ray first, whose log forwarding would
+    otherwise print the released actors' last words after it."""
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+    write_line_once(f"{prog}: {message}")
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError | FileNotFoundError | FileExistsError) and not str(e).strip("'\""):
+        return type(e).__name__
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split())
 
 
 def _first_line(e: BaseException) -> str:

@@ -13,6 +13,9 @@ QUESTION = "question"
 REFERENCES = "references"
 CONTEXT = "context"
 ANSWERABLE = "answerable"  # optional; false marks a question about something that does not exist
+RELATION = "relation"  # optional: what kind of fact the question asks (report only)
+BAND = "band"  # optional: popularity band of the question's subject (report only)
+POPULARITY = "popularity"  # optional: e.g. the subject's population (report only)
 
 # sample stage
 SAMPLES = "samples"

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 ABSTENTION_TEXT = "I don't know the answer."
 PAPER_TAU_GRID = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25]
+# Marks a field that changes how a job runs (pool sizes, batch sizes, placement) but not its
+# results: resume keys (``results_key``) leave such fields out.
+OPERATIONAL = {"operational": True}
 
 
 class ConfigError(ValueError):
@@ -39,6 +42,13 @@ class StorageConfig(_Section):
     )
     s3_region: str | None = None
     s3_scheme: str | None = Field(None, description="'http' for a local S3 server.")
+    lease_stale_s: float = Field(
+        120.0,
+        gt=0,
+        description="A run's lease on its output without a heartbeat for this long may be taken over "
+        "(--force takes a live one).",
+        json_schema_extra=OPERATIONAL,
+    )
 
 
 class DataConfig(_Section):
@@ -51,11 +61,6 @@ class DataConfig(_Section):
     id_field: str = "id"
     references_field: str = "references"
     context_field: str = "context"
-
-
-# Marks a field that changes how a job runs (pool sizes, batch sizes, placement) but not its
-# results: resume keys (``results_key``) leave such fields out.
-OPERATIONAL = {"operational": True}
 
 
 def results_key(section: BaseModel) -> dict[str, Any]:

@@ -13,17 +13,20 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from se_ray import columns as col
 from se_ray.config import DataConfig, StorageConfig
 from se_ray.storage import exists, filesystem, is_uri
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 logger = logging.getLogger(__name__)
 
 
 class InputError(RuntimeError):
-    """The input as a whole cannot be read (missing file, unknown format)."""
+    """The input as a whole cannot be used (missing file, unknown format, no valid row). One line."""
 
 
 @dataclass
@@ -118,6 +121,21 @@ def _read_hf(path: str, cfg: DataConfig) -> Iterator[RawRecord]:
         yield i + 1, record, ""
 
 
+# Optional row fields carried through to evaluation and the report, with their types.
+OPTIONAL_FIELDS: dict[str, Any] = {
+    col.ANSWERABLE: bool,
+    col.RELATION: str,
+    col.BAND: str,
+    col.POPULARITY: int | float,
+}
+OPTIONAL_TYPE_NAMES = {
+    col.ANSWERABLE: "true or false",
+    col.RELATION: "a string",
+    col.BAND: "a string",
+    col.POPULARITY: "a number",
+}
+
+
 def _adapt(record: dict[str, Any], fmt: str, cfg: DataConfig) -> dict[str, Any]:
     """Map a source record onto the row schema (fields are validated afterwards)."""
     if fmt == "svamp":
@@ -137,12 +155,13 @@ def _adapt(record: dict[str, Any], fmt: str, cfg: DataConfig) -> dict[str, Any]:
         references = record.get("answer", record.get("answers"))
     if isinstance(references, dict) and "text" in references:  # SQuAD-style {"text": [...]}
         references = references["text"]
-    return {
+    row = {
         col.ID: record.get(cfg.id_field),
         col.QUESTION: record.get(cfg.question_field),
         col.REFERENCES: references,
         col.CONTEXT: record.get(cfg.context_field),
     }
+    return row | {k: record[k] for k in OPTIONAL_FIELDS if record.get(k) is not None}
 
 
 def _validate(row: dict[str, Any]) -> str | None:
@@ -175,6 +194,12 @@ def _validate(row: dict[str, Any]) -> str | None:
     ctx = row[col.CONTEXT]
     if ctx is not None and not isinstance(ctx, str):
         return f"field 'context' must be a string, got {type(ctx).__name__}"
+    for name, types in OPTIONAL_FIELDS.items():
+        value = row.get(name)
+        if value is not None and (
+            not isinstance(value, types) or isinstance(value, bool) is not (types is bool)
+        ):
+            return f"field '{name}' must be {OPTIONAL_TYPE_NAMES[name]}, got {type(value).__name__}"
     return None
 
 
@@ -229,3 +254,66 @@ def load_questions(path: str, cfg: DataConfig, storage: StorageConfig | None = N
         raise InputError(f"input {path}: {e}") from None
     logger.info("loaded %d questions from %s (%d rejected)", len(loaded.rows), path, len(loaded.rejects))
     return loaded
+
+
+def require_questions(loaded: LoadedQuestions, rejects_location: str) -> None:
+    """Raise ``InputError`` when no row of the input is valid (call after writing the rejects)."""
+    if loaded.rows:
+        return
+    source = loaded.source or "the input"
+    if not loaded.rejects:
+        raise InputError(f"no valid question in {source}: it holds no rows")
+    n = len(loaded.rejects)
+    first = loaded.rejects[0]
+    raise InputError(
+        f"no valid question in {source}: {n} row{'s' if n != 1 else ''} rejected, see {rejects_location} "
+        f"(line {first['line']}: {first['reason']})"
+    )
+
+
+# What `se-ray train` reads from a labels table; the rest (entropies, samples) is for reports.
+TRAIN_LABEL_COLUMNS = (col.ID, col.QUESTION, col.TARGET)
+
+
+def require_label_columns(
+    schema: pa.Schema, source: str, needed: tuple[str, ...] = TRAIN_LABEL_COLUMNS
+) -> None:
+    """Raise ``InputError`` naming ``source`` and the columns a labels table lacks."""
+    missing = [name for name in needed if name not in schema.names]
+    if missing:
+        raise InputError(
+            f"labels {source} lack column{'s' if len(missing) != 1 else ''} {', '.join(missing)} "
+            f"(it has {', '.join(schema.names) or 'none'}); expected the labels/ folder `se-ray label` writes"
+        )
+
+
+def check_labels_folder(location: str, storage: StorageConfig | None = None) -> tuple[Any, str, list[str]]:
+    """(filesystem, folder, committed parts) of a labels folder, or of ``location/labels``,
+    every part checked for the columns training needs (Parquet footers only). ``InputError``
+    for a folder without parts or a part that lacks a column."""
+    import pyarrow.parquet as pq
+
+    from se_ray.storage import join, list_parquet
+
+    storage = storage or StorageConfig()
+    try:
+        fs, inner = filesystem(location, storage)
+        folder = inner
+        parts = list_parquet(fs, folder)
+        if not parts:
+            folder = join(inner, "labels")
+            parts = list_parquet(fs, folder)
+    except OSError as e:
+        raise InputError(f"labels {location}: {' '.join(str(e).split())}") from None
+    if not parts:
+        raise InputError(f"labels {location}: no committed Parquet parts (nor in {join(location, 'labels')})")
+    for part in parts:
+        try:
+            with fs.open_input_file(part) as f:
+                schema = pq.ParquetFile(f).schema_arrow
+        except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) on a non-Parquet file
+            raise InputError(
+                f"labels part {part} is not readable Parquet: {' '.join(str(e).split())}"
+            ) from None
+        require_label_columns(schema, part)
+    return fs, folder, parts

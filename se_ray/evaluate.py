@@ -259,7 +259,7 @@ def evaluate_rows(
 
 def evaluate_job(cfg: JobConfig, model: str | None, input: str, output: str) -> dict[str, Any]:
     """Evaluate the base model, a LoRA adapter folder or another model on ``input``."""
-    from se_ray.data import InputError, load_questions
+    from se_ray.data import InputError, load_questions, require_questions
     from se_ray.engine import Engines
     from se_ray.judges.correctness import build_judge
     from se_ray.models import resolve_model
@@ -273,6 +273,7 @@ def evaluate_job(cfg: JobConfig, model: str | None, input: str, output: str) -> 
     out = Store(output, cfg.storage)
     out.makedirs()
     out.write_jsonl(REJECTS_FILE, rejects)
+    require_questions(loaded, out.uri(REJECTS_FILE))
     for r in rejects:
         logger.warning("rejected %s line %s id %s: %s", r["source"], r["line"], r["id"], r["reason"])
     if not rows:

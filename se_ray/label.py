@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from se_ray import columns as col
 from se_ray.config import JobConfig, LabelingConfig
-from se_ray.data import load_questions
+from se_ray.data import load_questions, require_questions
 from se_ray.judges.correctness import diagnostic_judge
 from se_ray.labeling import SCORE_COLUMNS, label_by_score, score_diagnostics
 from se_ray.models import resolve_model
@@ -159,6 +159,7 @@ def label_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
     out.makedirs()
     loaded = load_questions(input, cfg.data, cfg.storage)
     out.write_jsonl(REJECTS_FILE, loaded.rejects)
+    require_questions(loaded, out.uri(REJECTS_FILE))
     out.write_text(CONFIG_FILE, cfg.to_yaml())
     for r in loaded.rejects:
         logger.warning("rejected %s line %s id %s: %s", r["source"], r["line"], r["id"], r["reason"])

@@ -6,6 +6,7 @@ import logging
 import os
 
 from se_ray.config import RayConfig
+from se_ray.console import install_signal_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,9 @@ def ensure_ray(cfg: RayConfig) -> None:
     else:
         ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False)
         logger.info("started a local Ray cluster with %s CPUs", cfg.num_cpus)
+    # ray.init installs its own SIGTERM handler, down to the OS level (a native abort): put
+    # ours back so SIGTERM ends a verb like Ctrl-C, releasing its engines.
+    install_signal_handlers()
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = True

@@ -18,7 +18,6 @@ from se_ray.prompts import entailment_prompt
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Query:
     """Does ``premise`` entail ``hypothesis``, as answers to ``question``?"""

@@ -139,11 +139,16 @@ def correctness_judge(cfg: JobConfig, engines: Engines) -> Judge:
     return build_judge(cfg.eval, engines.correctness_judge_pool(), cfg.sampling.batch_size)
 
 
-def _split_questions(cfg: JobConfig, input: str) -> tuple[dict[str, list[dict[str, Any]]], list[dict]]:
-    from se_ray.data import load_questions
+def _split_questions(
+    cfg: JobConfig, input: str, store: Store
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict]]:
+    from se_ray.data import load_questions, require_questions
     from se_ray.evaluate import split_references
 
     loaded = load_questions(input, cfg.data, cfg.storage)
+    if not loaded.rows:
+        store.write_jsonl("rejects.jsonl", loaded.rejects)
+        require_questions(loaded, store.uri("rejects.jsonl"))
     parts = split_rows(loaded.rows, cfg.split)
     rejects = list(loaded.rejects)
     if cfg.split.ood_input:
@@ -161,7 +166,7 @@ def split_stage(cfg: JobConfig, input: str, folders: RunFolders, log: StageLog) 
     stage = Stage(store, key)
     if stage.cached() is None:
         stage.begin()
-        parts, rejects = _split_questions(cfg, input)
+        parts, rejects = _split_questions(cfg, input, store)
         for name, rows in parts.items():
             store.write_jsonl(f"{name}.jsonl", rows)
         store.write_jsonl("rejects.jsonl", rejects)

@@ -19,6 +19,7 @@ from typing import Any
 
 from se_ray import columns as col
 from se_ray.config import JobConfig
+from se_ray.data import check_labels_folder
 from se_ray.runtime import ensure_ray
 from se_ray.train.checkpoint import EXPORT_DIR, RUN_NAME, STATE_DIR, TRAIN_DIR, read_meta, restore_point
 from se_ray.train.export import export_models, write_run_files
@@ -82,8 +83,8 @@ def open_run(cfg: JobConfig, labels: str, output: str, resume: bool) -> TrainRun
 
     tcfg = cfg.train
     check_train_config(tcfg)
-    labels_fs, labels_dir, parts = labels_folder(labels, cfg.storage)
-    rows = count_rows(labels_fs, parts)
+    labels_fs, labels_dir, parts = check_labels_folder(labels, cfg.storage)
+    rows = count_unique_ids(labels_fs, labels_dir)
     out_fs, out_path = filesystem(output, cfg.storage)
     run = TrainRun(
         labels_fs, labels_dir, parts, rows, plan_steps(tcfg, rows, tcfg.num_workers), out_fs, out_path, None
@@ -113,42 +114,44 @@ def open_run(cfg: JobConfig, labels: str, output: str, resume: bool) -> TrainRun
     return replace(run, prior_step=prior_step)
 
 
-def labels_folder(labels: str, storage: Any) -> tuple[Any, str, list[str]]:
-    """(filesystem, folder, committed Parquet parts) of a labels folder or its run folder."""
-    from se_ray.storage import filesystem, list_parquet
+def count_unique_ids(fs: Any, folder: str) -> int:
+    """Rows training will see: one per id (reads the id column only)."""
+    from se_ray.storage import read_parquet_folder
 
-    fs, inner = filesystem(labels, storage)
-    parts = list_parquet(fs, inner)
-    if not parts:
-        sub = posixpath.join(inner, "labels")
-        parts = list_parquet(fs, sub)
-        if parts:
-            inner = sub
-    if not parts:
-        raise FileNotFoundError(f"no committed labels Parquet parts in {labels} (nor in {labels}/labels)")
-    return fs, inner, parts
+    ids = read_parquet_folder(fs, folder, columns=[col.ID], unique_by=col.ID)
+    return 0 if ids is None else ids.num_rows
 
 
-def count_rows(fs: Any, parts: list[str]) -> int:
-    """Rows in the Parquet parts, from their footers (no data is read)."""
+def _labels_dataset(run: TrainRun) -> Any:
+    """The labels as a lazy Ray Dataset of the columns training reads, one row per id (a
+    folder with repeated ids, from an older version or a hand-copied part, is deduplicated
+    in memory: the part committed first wins)."""
+    import ray.data
+
+    from se_ray.storage import read_parquet_folder
+
+    wanted = [c for c in (col.QUESTION, col.CONTEXT, col.TARGET) if c in _columns(run)]
+    if run.rows < _total_rows(run):
+        table = read_parquet_folder(run.labels_fs, run.labels_dir, columns=wanted, unique_by=col.ID)
+        return ray.data.from_arrow(table)
+    return _read_labels(run.parts, run.labels_fs).select_columns(wanted)
+
+
+def _total_rows(run: TrainRun) -> int:
     import pyarrow.parquet as pq
 
     total = 0
-    for part in parts:
-        with fs.open_input_file(part) as f:
+    for part in run.parts:
+        with run.labels_fs.open_input_file(part) as f:
             total += pq.ParquetFile(f).metadata.num_rows
     return total
 
 
-def _labels_dataset(run: TrainRun) -> Any:
-    """The labels as a lazy Ray Dataset of the columns training reads."""
-    dataset = _read_labels(run.parts, run.labels_fs)
-    wanted = [c for c in (col.QUESTION, col.CONTEXT, col.TARGET) if c in dataset.columns()]
-    if col.QUESTION not in wanted or col.TARGET not in wanted:
-        raise ValueError(
-            f"labels in {run.labels_dir} lack the question/target columns (have {dataset.columns()})"
-        )
-    return dataset.select_columns(wanted)
+def _columns(run: TrainRun) -> list[str]:
+    import pyarrow.parquet as pq
+
+    with run.labels_fs.open_input_file(run.parts[0]) as f:
+        return pq.ParquetFile(f).schema_arrow.names
 
 
 def _read_labels(parts: list[str], fs: Any) -> Any:

@@ -284,3 +284,118 @@ def test_label_cli_reads_and_writes_s3(engine, s3, bucket, s3_endpoint):
     assert "engine_ready_s" not in rerun  # the pipeline (and its engine) never started
     assert {k: s3.head_object(Bucket=bucket, Key=k)["ETag"] for k in parts} == etags
     assert [k for k in _keys(s3, bucket, "run1/labels/") if not k.endswith("/")] == sorted(parts)
+
+
+# -- the output lease on S3: conditional puts against the real HTTP server -------------------
+
+
+def _lease_record(s3, bucket: str, key: str = "run1/_lease.json") -> dict:
+    return json.loads(_get(s3, bucket, key))
+
+
+def test_lease_on_s3_is_created_conditionally_and_refuses_a_second_run(s3, bucket, storage):
+    import os
+
+    from se_ray.lease import LeaseHeldError, OutputLease
+    from se_ray.lease_stores import S3Store, store_for
+
+    assert isinstance(store_for(f"s3://{bucket}/run1", storage), S3Store)  # not the read-back fallback
+    out = f"s3://{bucket}/run1"
+    first = OutputLease(out, storage, reentrant=False).acquire()
+    try:
+        assert _lease_record(s3, bucket)["pid"] == os.getpid()
+        assert _lease_record(s3, bucket)["token"] == first.record.token
+        with pytest.raises(
+            LeaseHeldError, match=rf"^output {out} is leased by .*:{os.getpid()} since .*120 s\)$"
+        ):
+            OutputLease(out, storage, reentrant=False).acquire()
+        assert _lease_record(s3, bucket)["token"] == first.record.token
+    finally:
+        first.release()
+    assert "run1/_lease.json" not in _keys(s3, bucket)
+
+
+def test_s3_conditional_put_lets_exactly_one_racer_win(s3, bucket, storage):
+    import threading
+
+    from se_ray.lease_stores import store_for
+
+    stores = [store_for(f"s3://{bucket}/race", storage) for _ in range(6)]
+    barrier = threading.Barrier(len(stores))
+    versions: list[str | None] = [None] * len(stores)
+
+    def put(i: int) -> None:
+        barrier.wait()
+        versions[i] = stores[i].create(f"writer {i}".encode())
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, v in enumerate(versions) if v is not None]
+    assert len(winners) == 1
+    assert _get(s3, bucket, "race/_lease.json") == f"writer {winners[0]}".encode()
+    # If-Match: a replace against an old ETag fails, against the current one succeeds.
+    store = stores[0]
+    assert store.replace(b"late", '"0123456789abcdef"') is None
+    assert store.replace(b"next", versions[winners[0]]) is not None
+    assert not store.delete(versions[winners[0]])  # the ETag moved on: not ours to delete
+
+
+def test_s3_stale_lease_is_taken_over_and_force_takes_a_live_one(s3, bucket, storage):
+    import time
+
+    from se_ray.lease import LeaseHeldError, LeaseRecord, OutputLease
+
+    out = f"s3://{bucket}/run1"
+    stale = LeaseRecord("gone-node", 1, time.time() - 400, time.time() - 300, "a" * 32)
+    s3.put_object(Bucket=bucket, Key="run1/_lease.json", Body=stale.to_bytes())
+    with OutputLease(out, storage, stale_s=120) as lease:
+        assert _lease_record(s3, bucket)["token"] == lease.record.token
+
+    live = LeaseRecord("other-node", 7, time.time(), time.time(), "b" * 32)
+    s3.put_object(Bucket=bucket, Key="run1/_lease.json", Body=live.to_bytes())
+    with pytest.raises(LeaseHeldError, match="leased by other-node:7"):
+        OutputLease(out, storage).acquire()
+    with OutputLease(out, storage, force=True) as lease:
+        assert _lease_record(s3, bucket)["token"] == lease.record.token
+    assert "run1/_lease.json" not in _keys(s3, bucket)
+
+
+def test_s3_heartbeat_and_release_keep_to_their_own_token(s3, bucket, storage):
+    import time
+
+    from se_ray.lease import LeaseLostError, LeaseRecord, OutputLease
+
+    lease = OutputLease(f"s3://{bucket}/run1", storage, heartbeat_s=0.1).acquire()
+    try:
+        first = _lease_record(s3, bucket)["heartbeat_at"]
+        deadline = time.time() + 20
+        while _lease_record(s3, bucket)["heartbeat_at"] == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert _lease_record(s3, bucket)["heartbeat_at"] > first
+        other = LeaseRecord("other-node", 7, time.time(), time.time(), "c" * 32)
+        s3.put_object(Bucket=bucket, Key="run1/_lease.json", Body=other.to_bytes())  # forced by another run
+        while lease.lost is None and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(LeaseLostError, match="other-node:7"):
+            lease.check()
+    finally:
+        lease.release()
+    assert _lease_record(s3, bucket)["token"] == "c" * 32  # the other run's lease stays
+
+
+def test_s3_output_location_checks(s3, bucket, storage):
+    from se_ray.lease import OutputError, check_output_location
+
+    s3.put_object(Bucket=bucket, Key="a-file", Body=b"x")
+    with pytest.raises(
+        OutputError, match=rf"^output s3://{bucket}/a-file is an existing file; give a folder$"
+    ):
+        check_output_location(f"s3://{bucket}/a-file", storage)
+    missing = f"s3://se-ray-no-such-bucket-{uuid.uuid4().hex[:8]}/run1"
+    with pytest.raises(OutputError, match=rf"^output {missing} is not writable: "):
+        check_output_location(missing, storage)
+    check_output_location(f"s3://{bucket}/fresh/run", storage)
+    assert not [k for k in _keys(s3, bucket, "fresh/") if "probe" in k]  # the probe is cleaned up

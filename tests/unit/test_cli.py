@@ -132,12 +132,12 @@ def test_everything_but_the_summary_goes_to_stderr(monkeypatch, capfd, tmp_path)
         return {"output": output, "ok": True}
 
     monkeypatch.setattr(cli, "_dispatch", noisy_dispatch)
-    monkeypatch.setattr(cli, "reinstall_after_ray_init", lambda: True)
     out = tmp_path / "run"
     code = cli.main(["label", "--input", "x.jsonl", "--output", str(out)], restore_stdout=True)
     captured = capfd.readouterr()
     assert code == 0
     assert json.loads(captured.out) == {"output": str(out), "ok": True}
+    assert json.loads((out / "summary.json").read_text()) == {"output": str(out), "ok": True}
     for noise in ("a Python print", "a C-level write", "a child process"):
         assert noise in captured.err
     print("stdout is back")  # fd 1 and sys.stdout are restored for in-process callers
@@ -161,7 +161,6 @@ def dispatch(args, cfg, output):
     return {}
 
 cli._dispatch = dispatch
-cli.reinstall_after_ray_init = lambda: True
 console.install_signal_handlers(grace_s=2.0)
 sys.exit(cli.main(["label", "--input", "x.jsonl", "--output", sys.argv[1]]))
 """
@@ -209,3 +208,18 @@ def test_second_signal_ends_at_once(tmp_path):
     rc, wall, out, err = _interrupt(tmp_path, signal.SIGINT, cleanup_s=60, twice=True)
     assert rc == 130 and wall < 2
     assert err.strip().splitlines()[-1].startswith("se-ray label: interrupted by SIGINT")
+
+
+def test_a_signal_ignored_on_entry_stays_ignored(tmp_path):
+    """A shell starts background jobs with SIGINT ignored; Ctrl-C in its terminal must not end them."""
+    script = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "from se_ray import console\n"
+        "console.install_signal_handlers()\n"
+        "console.install_signal_handlers()  # again, as after ray.init\n"
+        "print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)\n"
+        "print(signal.getsignal(signal.SIGTERM).__name__)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.stdout.split() == ["True", "_handler"], res.stderr

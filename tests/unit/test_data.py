@@ -168,8 +168,8 @@ def test_check_labels_folder(tmp_path):
     (tmp_path / "run" / "labels").mkdir(parents=True)
     pq.write_table(good, tmp_path / "run" / "labels" / "part-a.parquet")
     (tmp_path / "run" / "labels" / ".part-b.parquet.tmp").write_text("in flight")  # skipped
-    assert check_labels_folder(str(tmp_path / "run")) == 1  # the run folder holding labels/
-    assert check_labels_folder(str(tmp_path / "run" / "labels")) == 1
+    assert len(check_labels_folder(str(tmp_path / "run"))[2]) == 1  # the run folder holding labels/
+    assert len(check_labels_folder(str(tmp_path / "run" / "labels"))[2]) == 1
     pq.write_table(good.drop(["target"]), tmp_path / "run" / "labels" / "part-c.parquet")
     with pytest.raises(InputError, match=r"part-c.parquet lack column target \(it has id, question, tau\)"):
         check_labels_folder(str(tmp_path / "run"))

@@ -15,18 +15,17 @@ from pathlib import Path
 import pytest
 
 from se_ray.lease import (
-    LEASE_FILE,
     LeaseHeldError,
     LeaseLostError,
     LeaseRecord,
     OutputError,
     OutputLease,
-    _GenericStore,
     check_output_location,
     default_heartbeat_s,
     held_message,
     stale_reason,
 )
+from se_ray.lease_stores import LEASE_FILE, GenericStore
 
 HOST = socket.gethostname()
 
@@ -254,7 +253,7 @@ def test_generic_store_write_then_read_back(tmp_path):
     import pyarrow.fs as pafs
 
     path = str(tmp_path / LEASE_FILE)
-    store = _GenericStore(pafs.LocalFileSystem(), path, settle_s=0)
+    store = GenericStore(pafs.LocalFileSystem(), path, settle_s=0)
     assert store.read() is None
     v1 = store.create(b"one")
     assert v1 is not None and store.create(b"two") is None

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from se_ray.config import load_config
+from se_ray.data import InputError, check_labels_folder
 from se_ray.train.checkpoint import STATE_DIR, STATE_FILE
-from se_ray.train.job import count_rows, labels_folder, open_run
+from se_ray.train.job import count_unique_ids, open_run
 
 
 def _labels(folder, n=4):
@@ -26,12 +27,12 @@ def test_labels_folder_skips_temporary_parts_and_accepts_the_run_folder(tmp_path
     (labels / "_part-00001.parquet").write_text("half written")
     (labels / ".part-00002.parquet.tmp").write_text("half written")
     for given in (labels, tmp_path / "run"):
-        fs, folder, parts = labels_folder(str(given), None)
+        fs, folder, parts = check_labels_folder(str(given), None)
         assert folder == str(labels)
         assert [p.rsplit("/", 1)[-1] for p in parts] == ["part-00000.parquet"]
-        assert count_rows(fs, parts) == 2
-    with pytest.raises(FileNotFoundError, match="no committed labels"):
-        labels_folder(str(tmp_path), None)
+        assert count_unique_ids(fs, folder) == 2
+    with pytest.raises(InputError, match="no committed Parquet parts"):
+        check_labels_folder(str(tmp_path), None)
 
 
 def test_a_fresh_run_refuses_an_existing_one_and_resume_continues_it(tmp_path):
@@ -52,3 +53,15 @@ def test_a_fresh_run_refuses_an_existing_one_and_resume_continues_it(tmp_path):
     with pytest.raises(FileExistsError, match="resume"):
         open_run(cfg, labels, output, resume=False)
     assert open_run(cfg, labels, output, resume=True).prior_step == 3
+
+
+def test_repeated_ids_count_once(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = _labels(tmp_path / "labels", n=3)
+    pq.write_table(
+        pa.table({"id": ["q0", "q9"], "question": ["a", "b"], "target": ["a", "b"]}), labels / "part-1.parquet"
+    )
+    fs, folder, _ = check_labels_folder(str(labels), None)
+    assert count_unique_ids(fs, folder) == 4  # ids q0, q1, q2 and q9
