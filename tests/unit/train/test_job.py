@@ -60,8 +60,7 @@ def test_repeated_ids_count_once(tmp_path):
     import pyarrow.parquet as pq
 
     labels = _labels(tmp_path / "labels", n=3)
-    pq.write_table(
-        pa.table({"id": ["q0", "q9"], "question": ["a", "b"], "target": ["a", "b"]}), labels / "part-1.parquet"
-    )
+    extra = pa.table({"id": ["q0", "q9"], "question": ["a", "b"], "target": ["a", "b"]})
+    pq.write_table(extra, labels / "part-1.parquet")
     fs, folder, _ = check_labels_folder(str(labels), None)
     assert count_unique_ids(fs, folder) == 4  # ids q0, q1, q2 and q9
