@@ -118,12 +118,13 @@ class EnginePool:
         batch_size: int | None = None,
     ) -> list[list[Completion] | Rejected]:
         """Completions per conversation (``Rejected`` for a row the engine would not take); chunks
-        of ``batch_size`` (default: all in one call) go round-robin to the engines, one call in
-        flight per engine. ``params``: one dict for all, or one per conversation."""
+        of ``batch_size`` (default: an even share per engine, so each engine batches as many
+        sequences as it can) go round-robin to the engines, one call in flight per engine.
+        ``params``: one dict for all, or one per conversation."""
         if not self.actors:
             raise RuntimeError("the engine pool holds no engines")
         per = params if isinstance(params, list) else [params] * len(conversations)
-        size = batch_size or max(1, len(conversations))
+        size = batch_size or max(1, -(-len(conversations) // len(self.actors)))
         results: list[Any] = [None] * len(conversations)
         todo = [list(range(s, min(s + size, len(conversations)))) for s in range(0, len(conversations), size)]
         _Dispatch(self, conversations, per, adapter, results).run(todo)

@@ -100,7 +100,7 @@ def answer_questions(
         question_messages(r[col.QUESTION], cfg.sampling.answer_style, r.get(col.CONTEXT)) for r in rows
     ]
     params = request_params(1, 0.0, cfg.eval.max_tokens or cfg.sampling.max_tokens, cfg.sampling.stop)
-    replies = pool.chat(conversations, params, adapter, batch_size=cfg.sampling.batch_size)
+    replies = pool.chat(conversations, params, adapter)
     return [r if isinstance(r, Rejected) else r[0].text for r in replies]
 
 
