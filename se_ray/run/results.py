@@ -150,7 +150,9 @@ def _setup(cfg: JobConfig, split_sizes: dict[str, int]) -> dict[str, Any]:
         "model": cfg.sampling.model,
         "answer style": cfg.sampling.answer_style,
         "samples per question (M)": cfg.sampling.num_samples,
-        "entailment": f"{cfg.entailment.judge} ({cfg.entailment.model or cfg.sampling.model})",
+        "entailment": cfg.entailment.judge
+        if cfg.entailment.judge == "residual"  # model-free
+        else f"{cfg.entailment.judge} ({cfg.entailment.model or cfg.sampling.model})",
         "judge": judge_label(cfg),
         "split (train / validation / test / OOD)": " / ".join(str(split_sizes[s]) for s in SPLITS),
         "τ grid": ", ".join(f"{tau:g}" for tau in cfg.sweep.taus),
