@@ -81,7 +81,10 @@ def git_commit() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO, capture_output=True, text=True, timeout=10,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -108,9 +111,7 @@ def length(intervals: list[tuple[float, float]]) -> float:
 
 def minus(intervals: list[tuple[float, float]], holes: list[tuple[float, float]]) -> float:
     """Length of ``intervals`` outside ``holes``."""
-    return length(intervals) - sum(
-        length(clip(union(intervals), a, b)) for a, b in union(holes)
-    )
+    return length(intervals) - sum(length(clip(union(intervals), a, b)) for a, b in union(holes))
 
 
 def rate(n: float, seconds: float | None) -> float | None:
@@ -470,7 +471,10 @@ def launch(part: str, spec: dict[str, Any], workdir: Path, timeout: float, gcs_a
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", part, "--spec", str(spec_path)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         with TreeMemory(proc.pid, gcs_address if part in ("serray", "early_stop") else None) as mem:
             try:
@@ -558,10 +562,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "bench" / "results.jsonl"), help="JSON lines file (appended)")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
     p.add_argument("--config", help="job YAML (default: the built-in CPU quickstart)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every part (repeatable)")
-    p.add_argument("--early-stop-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra override for the early-stop part only (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every part (repeatable)",
+    )
+    p.add_argument(
+        "--early-stop-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra override for the early-stop part only (repeatable)",
+    )
     p.add_argument("--ray-address", help="run the se-ray parts on this Ray cluster, not a fresh local one")
     p.add_argument("--reference-limit", type=int, help="the slow reference loop: only the first N questions")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per part")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import signal
 import sys
 import traceback
@@ -201,6 +202,10 @@ def _main(args: argparse.Namespace, prog: str) -> tuple[int, dict[str, Any] | No
         _end(prog, f"error: {_message(e)}")
         return EXIT_USAGE, None
     except Exception as e:
+        failure = _engine_failure(e)
+        if failure is not None:  # an engine's restarts are spent: say which engine and why
+            _end(prog, f"error: {failure}")
+            return EXIT_ERROR, None
         if _is_model_load_error(e):
             _end(prog, f"error: could not load the model: {_first_line(e)}")
             return EXIT_ERROR, None
@@ -231,6 +236,26 @@ def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     # Ray wraps the actor's traceback: its last line is the underlying error.
     return lines[-1] if lines else type(e).__name__
+
+
+def _engine_failure(e: BaseException) -> str | None:
+    """The message of the ``EngineFailedError`` behind ``e``, if any: Ray Data wraps an error of
+    the sample stage in its own (``UserCodeException``, whose last line is retry advice)."""
+    from se_ray.engine_actor import EngineFailedError
+
+    seen: set[int] = set()
+    todo: list[BaseException] = [e]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, EngineFailedError):
+            return " ".join(str(x).split())
+        causes = (x.__cause__, x.__context__, getattr(x, "cause", None))  # RayTaskError.cause
+        todo += [c for c in causes if isinstance(c, BaseException)]
+    found = re.search(r"EngineFailedError: (engine .+)", str(e))  # a cause that crossed processes as text
+    return found.group(1).strip() if found else None
 
 
 def _is_model_load_error(e: BaseException) -> bool:

@@ -21,6 +21,9 @@ from se_ray.engine_actor import Completion, EngineFailedError, LLMEngineActor, R
 
 logger = logging.getLogger(__name__)
 
+# Probes of a restarted engine that may meet the killed process before the new one answers.
+RESTART_PROBES = 30
+
 __all__ = [
     "Completion",
     "EngineFailedError",
@@ -136,15 +139,25 @@ class EnginePool:
     def restart(self, k: int, cause: str) -> None:
         """Kill engine ``k`` so Ray restarts it (its actor has ``max_restarts``), and wait for it."""
         import ray
+        import ray.exceptions as rex
 
         logger.warning("restarting vLLM engine %s: %s", self.names[k], cause)
         ray.kill(self.actors[k], no_restart=False)
-        try:
-            ray.get(self.actors[k].info.remote())
-        except Exception as e:
-            raise EngineFailedError(
-                f"engine {self.names[k]} did not come back after {cause}: {_first_line(e)}"
-            ) from None
+        for attempt in range(RESTART_PROBES):
+            try:
+                ray.get(self.actors[k].info.remote())
+                return
+            except rex.ActorUnavailableError as e:
+                # The probe reached the killed process before this handle saw the restart
+                # ("The actor was restarted"): ask the new one.
+                if attempt == RESTART_PROBES - 1:
+                    raise self._not_back(k, cause, e) from None
+                time.sleep(1.0)
+            except Exception as e:
+                raise self._not_back(k, cause, e) from None
+
+    def _not_back(self, k: int, cause: str, e: BaseException) -> EngineFailedError:
+        return EngineFailedError(f"engine {self.names[k]} did not come back after {cause}: {_first_line(e)}")
 
     def wait_ready(self) -> list[dict[str, Any]]:
         """Block until every engine has started; raises the error of one that failed to."""
@@ -294,7 +307,7 @@ def acquire_engines(
             num_cpus=cfg.num_cpus_per_engine,
             num_gpus=gpus,
             max_concurrency=1,
-            max_restarts=max(1, cfg.engine_retries),
+            max_restarts=-1,  # restarts are bounded per call by engine_retries (_Dispatch)
             runtime_env={"env_vars": dict(cfg.env)} if cfg.env else None,
         )
         if detached:

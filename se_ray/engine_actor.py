@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +86,8 @@ class LLMEngineActor:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
+        self._closing = False
+        threading.Thread(target=self._exit_when_core_dies, daemon=True, name="se-ray-core-watch").start()
         self.start_s = time.perf_counter() - started
         self.ready_at = time.time()
         logger.info("vLLM engine for %s started in %.1f s", self.model_path, self.start_s)
@@ -156,8 +159,21 @@ class LLMEngineActor:
             for out in outputs
         ]
 
+    def _exit_when_core_dies(self, every_s: float = 2.0) -> None:
+        """End this actor once vLLM marks its core process dead: a call in flight would block for
+        ever, while a dead actor is restarted by Ray and the call retried by the pool."""
+        while not self._closing:
+            time.sleep(every_s)
+            core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+            if getattr(getattr(core, "resources", None), "engine_dead", False) and not self._closing:
+                logger.error(
+                    "vLLM engine core of %s died: ending the actor so Ray restarts it", self.model_path
+                )
+                os._exit(1)
+
     def shutdown(self) -> None:
         # vLLM's engine core runs in child processes: stop them before the actor dies.
+        self._closing = True
         llm = getattr(self, "llm", None)
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)

@@ -137,6 +137,7 @@ def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], out: Store, source
         "engine_ready_s": round(engine_ready_s, 2),
         "entailment_calls_per_question": round(done.entailment_calls / done.rows, 2) if done.rows else 0.0,
         "first_part_s": round(done.first_part_s or 0.0, 2),
+        "labeled": done.rows,
         "rejected_by_engine": done.rejected,
     }
 
@@ -174,6 +175,7 @@ def label_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
         len(todo),
     )
     stats = _run_pipeline(cfg, todo, out, input) if todo else {}
+    labeled_now = stats.pop("labeled", 0)  # rows the engine rejected are in rejects.jsonl, not here
     committed = read_labels(labels)
     wanted = {r[col.ID] for r in loaded.rows}
     abstained, diagnostics = 0, None
@@ -194,7 +196,7 @@ def label_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
         "input": input,
         "output": output,
         "questions": len(loaded.rows),
-        "labeled_now": len(todo),
+        "labeled_now": labeled_now,
         "already_labeled": len(loaded.rows) - len(todo),
         "rejected": len(loaded.rejects),
         "abstained": int(abstained),

@@ -115,6 +115,15 @@ def engine(ray_address):
     pool.release()
 
 
+@pytest.fixture
+def cluster(tmp_path):
+    """A fresh two-node cluster of its own (head: 2 CPUs, worker: 1), stopped after the test."""
+    from tests.twonode import two_node_cluster
+
+    with two_node_cluster(tmp_path) as c:
+        yield c
+
+
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [SE_RAY_BIN, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ}

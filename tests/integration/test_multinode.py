@@ -25,22 +25,16 @@ is tiny (4 questions, 3 samples, 12 tokens, a 1 GB KV cache).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RAY_BIN, REPO
+from tests.conftest import REPO
+from tests.twonode import TwoNodeCluster
 
 pytestmark = pytest.mark.slow
 
@@ -57,179 +51,9 @@ UPLOAD_EXCLUDES = [
     "build",
     "bench/results",
 ]
-NODE_START_TIMEOUT_S = 300
 JOB_TIMEOUT_S = 1200
 ENGINE_CLASS = "LLMEngineActor"
 ENTAILMENT_CLASS = "MapWorker(MapBatches(EntropyStage))"
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports (all sockets held open together so none is handed out twice)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _node_ports() -> list[str]:
-    """Ports that default to fixed numbers (or collide) when two nodes share one machine."""
-    nm, om, agent_http, agent_grpc, metrics, runtime_env = _free_ports(6)
-    return [
-        f"--node-manager-port={nm}",
-        f"--object-manager-port={om}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={runtime_env}",
-    ]
-
-
-class TwoNodeCluster:
-    """A head (with the job server) and one worker node, as child processes of this test."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.temp_dir = Path("/tmp") / f"semn-{os.getpid()}"  # Ray's socket paths must stay short
-        self.gcs_port, self.dashboard_port, self.client_port = _free_ports(3)
-        self.token = secrets.token_hex(32)
-        self.procs: list[subprocess.Popen] = []
-        self._logs: list = []
-        venv_bin = str(Path(RAY_BIN).parent)
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            # nothing of the shared test cluster or of ~/.ray's auth settings leaks in
-            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")
-        }
-        env.update(
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN=self.token,
-            RAY_USAGE_STATS_ENABLED="0",
-            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # a test cluster: stop at once on SIGTERM
-            # the job's entrypoint `se-ray` is looked up on the nodes' PATH
-            PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
-        self.env = env
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = (self.workdir / f"{name}.log").open("w")
-        self._logs.append(log)
-        proc = subprocess.Popen(
-            [RAY_BIN, "start", "--block", "--num-gpus=0", "--disable-usage-stats",
-             "--object-store-memory=100000000", *_node_ports(), *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: a last-resort kill reaches only it
-        )  # fmt: skip
-        self.procs.append(proc)
-        return proc
-
-    def start(self) -> None:
-        self._start(
-            "head",
-            ["--head", f"--port={self.gcs_port}", f"--ray-client-server-port={self.client_port}",
-             "--num-cpus=2", '--resources={"head": 1}', f"--temp-dir={self.temp_dir}",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard_port}"],
-        )  # fmt: skip
-        self._wait(lambda: self.api("/api/version") is not None, "the head's dashboard")
-        self._start(
-            "worker",
-            [f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1", '--resources={"worker_node": 1}'],
-        )
-        self._wait(lambda: len(self.alive_nodes()) == 2, "the worker node to join")
-
-    def _wait(self, ready, what: str) -> None:
-        deadline = time.monotonic() + NODE_START_TIMEOUT_S
-        while not ready():
-            if any(p.poll() is not None for p in self.procs):
-                raise RuntimeError(f"waiting for {what}: a `ray start` exited\n{self.logs()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waiting for {what}\n{self.logs()}")
-            time.sleep(2)
-
-    def api(self, path: str):
-        """GET a dashboard endpoint with the cluster token; None while it does not answer."""
-        req = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return json.loads(r.read())
-        except (OSError, ValueError):
-            return None
-
-    def alive_nodes(self) -> list[dict]:
-        reply = self.api("/api/v0/nodes?limit=100&detail=true")
-        if not reply or not reply.get("result"):
-            return []
-        return [n for n in reply["data"]["result"]["result"] if n.get("state") == "ALIVE"]
-
-    def ray(self, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        """The real `ray` CLI as a client of this cluster."""
-        return subprocess.run(
-            [RAY_BIN, *args], env=env or self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
-        )
-
-    def ray_json(self, *args: str):
-        r = self.ray(*args, "--address", self.dashboard, "--format", "json")
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return json.loads(r.stdout)
-
-    def logs(self) -> str:
-        out = []
-        for name in ("head", "worker"):
-            p = self.workdir / f"{name}.log"
-            if p.exists():
-                out.append(f"--- {name} ---\n" + p.read_text()[-3000:])
-        return "\n".join(out)
-
-    def stop(self) -> None:
-        # SIGTERM to both at once: each `ray start --block` stops the processes it started.
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
-            # Whatever of that node outlived it (it has its own process group): gone too.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        for log in self._logs:
-            log.close()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    # `ray start` gives its raylet a fixed 30 s to register with the GCS; on a loaded 2-core
-    # machine that can run out, so a failed start is retried once on fresh ports.
-    for attempt in (1, 2):
-        c = TwoNodeCluster(tmp_path / f"cluster{attempt}")
-        try:
-            c.start()
-        except (RuntimeError, TimeoutError) as e:
-            c.stop()
-            if attempt == 2:
-                raise
-            print(f"two-node cluster start failed, retrying: {str(e).splitlines()[0]}")
-            continue
-        try:
-            yield c
-        finally:
-            c.stop()
-        return
 
 
 def _labels(output: Path):

@@ -121,6 +121,23 @@ def test_train_on_an_empty_folder_is_one_line(tmp_path):
     assert "no committed Parquet parts" in _one_error_line(res)
 
 
+def test_an_engine_failure_wrapped_by_ray_data_ends_with_the_engine_and_its_cause():
+    """Ray Data wraps the sample stage's error: the closing line names the engine, not Ray's advice."""
+    from se_ray.engine_actor import EngineFailedError
+
+    failure = "engine se-ray-llm-0 failed 3 times (sampling.engine_retries=2); last: no answer within 60 s"
+    try:
+        try:
+            raise EngineFailedError(failure)
+        except EngineFailedError as inner:
+            raise RuntimeError("UDF failed to process a data block.\nTo change retries, ...") from inner
+    except RuntimeError as wrapped:
+        assert cli._engine_failure(wrapped) == failure
+    as_text = RuntimeError(f"Traceback ...\nse_ray.engine_actor.EngineFailedError: {failure}\n\nTo ...")
+    assert cli._engine_failure(as_text) == failure
+    assert cli._engine_failure(ValueError("something else")) is None
+
+
 # -- in-process: the fd-level stdout redirect ---------------------------------------------
 
 
