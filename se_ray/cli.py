@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import re
 import signal
 import sys
@@ -144,9 +145,21 @@ def _run_verb(args: argparse.Namespace) -> dict[str, Any]:
     with OutputLease(
         output, cfg.storage, stale_s=cfg.storage.lease_stale_s, force=args.force, command=command
     ):
-        summary = _dispatch(args, cfg, output)
+        summary = strict_json(_dispatch(args, cfg, output))
     Store(output, cfg.storage).write_json(SUMMARY_FILE, summary)
     return summary
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as null: the summary must parse as strict JSON (RFC 8259),
+    and an AUROC without both classes, or an interval without resamples, is NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:

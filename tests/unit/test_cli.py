@@ -240,3 +240,9 @@ def test_a_signal_ignored_on_entry_stays_ignored(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert res.stdout.split() == ["True", "_handler"], res.stderr
+
+
+def test_summary_is_strict_json():
+    out = cli.strict_json({"auroc": float("nan"), "ci": [float("inf"), 0.5], "n": 3, "s": "x"})
+    assert out == {"auroc": None, "ci": [None, 0.5], "n": 3, "s": "x"}
+    json.dumps(out, allow_nan=False)
