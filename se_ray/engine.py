@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from se_ray.config import EngineConfig, JobConfig, RayConfig, SamplingConfig
-from se_ray.engine_actor import Completion, EngineFailedError, LLMEngineActor, Rejected
+from se_ray.engine_actor import Completion, EngineFailedError, LLMEngineActor, Rejected, request_params
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ __all__ = [
     "LLMEngineActor",
     "Rejected",
     "acquire_engines",
+    "request_params",
 ]
 
 
@@ -40,20 +41,6 @@ def engine_digest(cfg: EngineConfig) -> str:
     engine = cfg.engine if isinstance(cfg, SamplingConfig) else cfg
     key = json.dumps(engine.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:12]
-
-
-def request_params(
-    n: int,
-    temperature: float,
-    max_tokens: int,
-    stop: list[str] | None = None,
-    top_p: float = 1.0,
-    top_k: int = -1,
-) -> dict[str, Any]:
-    """``vllm.SamplingParams`` keyword arguments of one request (every caller builds them here)."""
-    return dict(
-        n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=list(stop or [])
-    )
 
 
 def judge_engine_config(
@@ -136,13 +123,15 @@ class EnginePool:
     def _call(self, k: int, conversations: list, params: list, adapter: str | None):
         return self.actors[k].chat.remote(conversations, params, adapter)
 
-    def restart(self, k: int, cause: str) -> None:
-        """Kill engine ``k`` so Ray restarts it (its actor has ``max_restarts``), and wait for it."""
+    def restart(self, k: int, cause: str, kill: bool = True) -> None:
+        """Kill engine ``k`` so Ray restarts it (its actor has ``max_restarts``), and wait for it;
+        ``kill=False`` for an actor that died, which Ray restarts by itself."""
         import ray
         import ray.exceptions as rex
 
         logger.warning("restarting vLLM engine %s: %s", self.names[k], cause)
-        ray.kill(self.actors[k], no_restart=False)
+        if kill:
+            ray.kill(self.actors[k], no_restart=False)
         for attempt in range(RESTART_PROBES):
             try:
                 ray.get(self.actors[k].info.remote())
@@ -205,6 +194,12 @@ def _engine_died(e: BaseException) -> bool:
     return "EngineDeadError" in type(e).__name__ or "EngineDeadError" in str(e) or "EngineCore" in str(e)
 
 
+def _actor_gone(e: BaseException) -> bool:
+    import ray.exceptions as rex
+
+    return isinstance(e, rex.RayActorError) and not isinstance(e, rex.ActorUnavailableError)
+
+
 class _Dispatch:
     """Runs chunks of rows over a pool's engines: one call in flight per engine, a chunk that
     fails is split until the failing rows stand alone (they become ``Rejected``), an engine that
@@ -255,7 +250,8 @@ class _Dispatch:
             results = ray.get(ref)
         except Exception as e:
             if _engine_died(e):
-                self._restart(k, _first_line(e))
+                # An actor that died is already being restarted by Ray: wait for it, don't kill.
+                self._restart(k, _first_line(e), kill=not _actor_gone(e))
                 return [rows]
             if len(rows) == 1:
                 self.out[rows[0]] = Rejected(f"the engine call failed: {_first_line(e)}")
@@ -266,14 +262,14 @@ class _Dispatch:
             self.out[i] = r
         return []
 
-    def _restart(self, k: int, cause: str) -> None:
+    def _restart(self, k: int, cause: str, kill: bool = True) -> None:
         self.failures[k] = self.failures.get(k, 0) + 1
         if self.failures[k] > self.pool.retries:
             raise EngineFailedError(
                 f"engine {self.pool.names[k]} failed {self.failures[k]} times "
                 f"(sampling.engine_retries={self.pool.retries}); last: {cause}"
             )
-        self.pool.restart(k, cause)
+        self.pool.restart(k, cause, kill)
 
 
 def acquire_engines(

@@ -35,6 +35,20 @@ def resolve_dtype(dtype: str) -> str:
     return "float32"
 
 
+def request_params(
+    n: int,
+    temperature: float,
+    max_tokens: int,
+    stop: list[str] | None = None,
+    top_p: float = 1.0,
+    top_k: int = -1,
+) -> dict[str, Any]:
+    """``vllm.SamplingParams`` keyword arguments of one request (every caller builds them here)."""
+    return dict(
+        n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=list(stop or [])
+    )
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
