@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from se_ray.config import EntailmentConfig
-from se_ray.judges.entailment import EmbeddingJudge, Query
+from se_ray.judges.entailment import NEUTRAL, EmbeddingJudge, Query
 from se_ray.models import resolve_model
 
 
@@ -54,3 +54,17 @@ def tiny_nli(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+class NeverEquivalentJudge:
+    """Different texts are never equivalent (texts equal up to case and spaces never reach a judge)."""
+
+    def __init__(self):
+        self.model_calls = 0
+
+    def implications(self, queries):
+        self.model_calls += len(queries)
+        return [NEUTRAL] * len(queries)
+
+    def reset_cache(self):
+        pass

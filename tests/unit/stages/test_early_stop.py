@@ -9,10 +9,10 @@ from se_ray import columns as col
 from se_ray import entropy
 from se_ray.config import EntailmentConfig, SamplingConfig
 from se_ray.engine import Completion, EnginePool
-from se_ray.judges.entailment import NEUTRAL
 from se_ray.stages.early_stop import samples_to_decide
 from se_ray.stages.entropy import EntropyStage
 from se_ray.stages.sample import SampleStage
+from tests.unit.conftest import NeverEquivalentJudge
 
 TAU = 1.0
 
@@ -40,23 +40,11 @@ class ScriptedEngine:
         return out
 
 
-class ExactJudge:
-    """Different normalised texts are never equivalent (identical ones never reach a judge)."""
-
-    def __init__(self):
-        self.model_calls = 0
-
-    def implications(self, queries):
-        self.model_calls += len(queries)
-        return [NEUTRAL] * len(queries)
-
-    def reset_cache(self):
-        pass
-
-
 @pytest.fixture
 def stage_for(monkeypatch):
-    monkeypatch.setattr("se_ray.judges.entailment.build_judge", lambda cfg, engines=None: ExactJudge())
+    monkeypatch.setattr(
+        "se_ray.judges.entailment.build_judge", lambda cfg, engines=None: NeverEquivalentJudge()
+    )
 
     def make(scripts, m=10, round_size=1):
         cfg = SamplingConfig(num_samples=m, early_stop=True, early_stop_round=round_size)

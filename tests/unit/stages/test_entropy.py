@@ -6,9 +6,9 @@ import pytest
 from se_ray import columns as col
 from se_ray import entropy
 from se_ray.config import EntailmentConfig
-from se_ray.judges.entailment import NEUTRAL, Query, are_equivalent
+from se_ray.judges.entailment import Query, are_equivalent
 from se_ray.stages.entropy import EntropyStage, cluster_questions
-from tests.unit.conftest import CountingJudge
+from tests.unit.conftest import CountingJudge, NeverEquivalentJudge
 
 
 def test_embedding_judge_clusters_paraphrases(embedding_judge):
@@ -25,24 +25,12 @@ def test_embedding_judge_clusters_paraphrases(embedding_judge):
     assert len(keys) == len(set(keys))
 
 
-class NeverEquivalent:
-    def __init__(self):
-        self.model_calls = 0
-
-    def implications(self, queries):
-        self.model_calls += len(queries)
-        return [NEUTRAL] * len(queries)
-
-    def reset_cache(self):
-        pass
-
-
 @pytest.mark.parametrize(
     "pair", [("-40", "40"), ("3.5", "35"), ("About 1.5 million", "About 15 million"), ("Paris.", "Paris")]
 )
 def test_only_case_and_space_differences_merge_without_a_judge(pair):
     """SQuAD normalisation would merge these (punctuation dropped); the judge must decide them."""
-    judge = NeverEquivalent()
+    judge = NeverEquivalentJudge()
     [ids] = cluster_questions(judge, ["q"], [list(pair)], strict=True)
     assert ids == [0, 1] and judge.model_calls == 2
     [ids] = cluster_questions(judge, ["q"], [["Paris", "  PARIS "]], strict=True)
