@@ -47,7 +47,6 @@ from se_ray.run.plan import (
 from se_ray.run.results import (
     BOUNDARY_SPLIT,
     REPORT_DATA_FILE,
-    SUMMARY_FILE,
     RunOutcome,
     band_table,
     publish_report,
@@ -280,6 +279,5 @@ def run_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
     root.write_json(REPORT_DATA_FILE, data)
     paths = publish_report(data, root)
     summary = run_summary(root, paths, run.log, data, time.perf_counter() - started)
-    root.write_json(SUMMARY_FILE, summary)
     logger.info("run done in %.1f s: %s", summary["wall_s"], json.dumps(summary["methods"]))
     return summary

@@ -21,7 +21,6 @@ from se_ray.run.stages import StageLog
 from se_ray.storage import Store, is_uri, write_bytes_atomic
 
 REPORT_DATA_FILE = "report_data.json"
-SUMMARY_FILE = "summary.json"
 BAND = "band"  # optional question field: its popularity band, e.g. "q1 (most popular)"
 BOUNDARY_SPLIT = "test"  # the split the knowledge boundary and the judge audit show
 

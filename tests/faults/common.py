@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import ENGINE_OVERRIDES
 
@@ -76,3 +79,23 @@ def wait_for(what: str, ready: Callable[[], bool], alive: Callable[[], bool], ti
         assert time.monotonic() - started < timeout, f"no {what} after {timeout:.0f} s"
         time.sleep(0.25)
     return time.monotonic() - started
+
+
+def wait_or_fail(proc: subprocess.Popen, timeout: float, hang: Callable[[], str], stderr: Path) -> int:
+    """``proc``'s exit code; past ``timeout`` the test fails with "HANG: " + ``hang()`` (called
+    then, so it can count what was committed) and stderr's tail."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"HANG: {hang()}; stderr tail:\n" + stderr.read_text()[-4000:])
+
+
+@contextmanager
+def killed_at_exit(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """``proc``, killed when the block ends if it is still running (a failed assertion)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

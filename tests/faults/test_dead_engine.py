@@ -17,7 +17,14 @@ import pytest
 
 from tests import conftest
 from tests.conftest import SE_RAY_BIN
-from tests.faults.common import assert_summary_contract, committed_ids, sets, wait_for
+from tests.faults.common import (
+    assert_summary_contract,
+    committed_ids,
+    killed_at_exit,
+    sets,
+    wait_for,
+    wait_or_fail,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +74,7 @@ def test_engine_core_killed_mid_job_is_restarted_and_every_id_labeled_once(engin
     started = time.monotonic()
     with stdout.open("w") as so, stderr.open("w") as se:
         proc = subprocess.Popen([SE_RAY_BIN, *args], stdout=so, stderr=se, env={**os.environ})
-    try:
+    with killed_at_exit(proc):
         first_s = wait_for(
             "a committed part", lambda: len(committed_ids(out)) > 0, lambda: proc.poll() is None,
             FIRST_PART_TIMEOUT_S,
@@ -75,19 +82,13 @@ def test_engine_core_killed_mid_job_is_restarted_and_every_id_labeled_once(engin
         at_kill = len(committed_ids(out))
         os.kill(core.pid, signal.SIGKILL)
         killed = time.monotonic()
-        try:
-            rc = proc.wait(timeout=JOB_TIMEOUT_S - (killed - started))
-        except subprocess.TimeoutExpired:
-            pytest.fail(
-                f"HANG: se-ray label did not end within {JOB_TIMEOUT_S} s of its start after its "
-                f"EngineCore was killed ({len(committed_ids(out))}/{N} ids committed); stderr tail:\n"
-                + stderr.read_text()[-4000:]
-            )
+        rc = wait_or_fail(
+            proc, JOB_TIMEOUT_S - (killed - started),
+            lambda: f"se-ray label did not end within {JOB_TIMEOUT_S} s of its start after its "
+            f"EngineCore was killed ({len(committed_ids(out))}/{N} ids committed)",
+            stderr,
+        )  # fmt: skip
         end = time.monotonic()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
     log = stderr.read_text()
     assert rc == 0, log[-4000:]

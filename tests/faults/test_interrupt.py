@@ -14,10 +14,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ENGINE_OVERRIDES, SE_RAY_BIN, run_cli
+from tests.conftest import SE_RAY_BIN, run_cli
+from tests.faults.common import committed_ids, killed_at_exit, sets, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,6 @@ N = 32
 # Small batches so that parts are committed one by one while the job runs.
 SETTINGS = [
     f"data.limit={N}",
-    "sampling.max_tokens=12",
-    "sampling.num_samples=4",
     "sampling.batch_size=4",
     "labeling.write_batch_size=4",
     "entailment.batch_size=4",
@@ -35,24 +33,7 @@ STOP_BUDGET_S = 15  # what the issue promises from the signal to the exit
 
 
 def _args(src: Path, out: Path) -> list[str]:
-    sets = [a for o in (*ENGINE_OVERRIDES, *SETTINGS) for a in ("--set", o)]
-    return ["label", "--input", str(src), "--output", str(out), *sets]
-
-
-def _ids(out: Path) -> list[str]:
-    labels = out / "labels"
-    parts = sorted(
-        p for p in labels.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))
-    )
-    return [i for p in parts for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()]
-
-
-def _wait_for(what: str, ready, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, f"se-ray label ended (rc {proc.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.25)
+    return ["label", "--input", str(src), "--output", str(out), *sets(*SETTINGS)]
 
 
 def _second_copy_is_refused(args: list[str], out: Path, first: subprocess.Popen) -> None:
@@ -76,19 +57,16 @@ def _interrupt_after_new_part(
     stdout, stderr = tmp_path / f"stdout.{signum}", tmp_path / f"stderr.{signum}"
     with stdout.open("w") as so, stderr.open("w") as se:
         proc = subprocess.Popen([SE_RAY_BIN, *args], stdout=so, stderr=se, env={**os.environ})
-    try:
+    alive = lambda: proc.poll() is None  # noqa: E731
+    with killed_at_exit(proc):
         if second_copy:
-            _wait_for("the lease", (out / "_lease.json").exists, proc)
+            wait_for("the lease", (out / "_lease.json").exists, alive, 600)
             _second_copy_is_refused(args, out, proc)
-        _wait_for("a new committed part", lambda: (out / "labels").is_dir() and len(_ids(out)) > before, proc)
+        wait_for("a new committed part", lambda: len(committed_ids(out)) > before, alive, 600)
         sent = time.monotonic()
         proc.send_signal(signum)
         rc = proc.wait(timeout=120)
         wall = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     return rc, wall, stdout.read_text(), stderr.read_text()
 
 
@@ -111,7 +89,7 @@ def test_signals_and_a_second_copy_then_a_rerun_labels_every_id_once(engine, nq_
     rc, wall, stdout, stderr = _interrupt_after_new_part(
         args, out, tmp_path, signal.SIGTERM, before=0, second_copy=True
     )
-    print(f"SIGTERM after {len(_ids(out))} committed ids: exit {rc} in {wall:.1f} s")  # shown with -rP
+    print(f"SIGTERM after {len(committed_ids(out))} committed ids: exit {rc} in {wall:.1f} s")
     assert rc == 143, stderr[-3000:]
     assert wall < STOP_BUDGET_S, f"SIGTERM took {wall:.1f} s"
     assert stdout == ""
@@ -120,13 +98,13 @@ def test_signals_and_a_second_copy_then_a_rerun_labels_every_id_once(engine, nq_
     )
     assert "SIGTERM received at time" not in stderr and "Traceback" not in stderr
     assert not (out / "_lease.json").exists()
-    after_term = _ids(out)
+    after_term = committed_ids(out)
     assert 0 < len(after_term) < N and len(set(after_term)) == len(after_term)
 
     rc, wall, stdout, stderr = _interrupt_after_new_part(
         args, out, tmp_path, signal.SIGINT, before=len(after_term)
     )
-    print(f"SIGINT after {len(_ids(out))} committed ids: exit {rc} in {wall:.1f} s")
+    print(f"SIGINT after {len(committed_ids(out))} committed ids: exit {rc} in {wall:.1f} s")
     assert rc == 130, stderr[-3000:]
     assert wall < STOP_BUDGET_S, f"SIGINT took {wall:.1f} s"
     assert stdout == ""
@@ -134,7 +112,7 @@ def test_signals_and_a_second_copy_then_a_rerun_labels_every_id_once(engine, nq_
         "se-ray label: interrupted by SIGINT; committed parts are kept, rerun to resume"
     )
     assert not (out / "_lease.json").exists()
-    after_int = _ids(out)
+    after_int = committed_ids(out)
     assert len(after_term) < len(after_int) and set(after_term) <= set(after_int)
 
     res = run_cli(*args)
@@ -142,6 +120,6 @@ def test_signals_and_a_second_copy_then_a_rerun_labels_every_id_once(engine, nq_
     summary = json.loads(res.stdout)  # strict: stdout holds the summary and nothing else
     assert summary["already_labeled"] == len(set(after_int))
     assert summary["labeled_now"] == N - len(set(after_int))
-    ids = _ids(out)
+    ids = committed_ids(out)
     assert len(ids) == N and len(set(ids)) == N
     assert not (out / "_lease.json").exists()

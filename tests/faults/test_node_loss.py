@@ -31,8 +31,10 @@ from tests.faults.common import (
     assert_one_line_error,
     assert_summary_contract,
     committed_ids,
+    killed_at_exit,
     sets,
     wait_for,
+    wait_or_fail,
 )
 from tests.twonode import TwoNodeCluster, two_node_cluster
 
@@ -145,7 +147,7 @@ def _run_node_loss(cluster, helper, engine_settings, head, worker, nq_dev, tmp_p
               "entailment.batch_size=4", engine=engine_settings),
     ]  # fmt: skip
     proc = _label(cluster, args, tmp_path / "stdout1", tmp_path / "stderr1")
-    try:
+    with killed_at_exit(proc):
         job_started = time.monotonic()
         wait_for("a committed part", lambda: len(committed_ids(out)) > 0, lambda: proc.poll() is None, 600)
         at_kill = len(committed_ids(out))
@@ -158,19 +160,13 @@ def _run_node_loss(cluster, helper, engine_settings, head, worker, nq_dev, tmp_p
         helper.stdin.write("free\n")
         helper.stdin.flush()
         assert helper.stdout.readline().startswith("FREED")
-        try:
-            rc = proc.wait(timeout=JOB_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(
-                f"HANG: the label job did not end within {JOB_TIMEOUT_S} s of losing the worker node "
-                f"({len(committed_ids(out))}/{N} ids committed); stderr tail:\n"
-                + (tmp_path / "stderr1").read_text()[-4000:]
-            )
+        rc = wait_or_fail(
+            proc, JOB_TIMEOUT_S,
+            lambda: f"the label job did not end within {JOB_TIMEOUT_S} s of losing the worker node "
+            f"({len(committed_ids(out))}/{N} ids committed)",
+            tmp_path / "stderr1",
+        )  # fmt: skip
         first_s = time.monotonic() - killed
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     stdout, stderr = (tmp_path / "stdout1").read_text(), (tmp_path / "stderr1").read_text()
     wait_for(  # the node is really gone (the GCS marks it dead after its health checks fail)
         "the worker node marked dead", lambda: worker not in {n["node_id"] for n in cluster.alive_nodes()},
@@ -187,13 +183,8 @@ def _run_node_loss(cluster, helper, engine_settings, head, worker, nq_dev, tmp_p
     assert len(ids) == len(set(ids)), "a committed id was duplicated"
 
     rerun_started = time.monotonic()
-    proc = _label(cluster, args, tmp_path / "stdout2", tmp_path / "stderr2")
-    try:
-        rc2 = proc.wait(timeout=JOB_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with killed_at_exit(_label(cluster, args, tmp_path / "stdout2", tmp_path / "stderr2")) as proc:
+        rc2 = wait_or_fail(proc, JOB_TIMEOUT_S, lambda: "the rerun did not end", tmp_path / "stderr2")
     rerun_s = time.monotonic() - rerun_started
     assert rc2 == 0, (tmp_path / "stderr2").read_text()[-4000:]
     again = assert_summary_contract((tmp_path / "stdout2").read_text(), out)
@@ -283,7 +274,7 @@ def test_a_train_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(ray_a
     started = time.monotonic()
     with stdout.open("w") as so, stderr.open("w") as se:
         proc = subprocess.Popen([SE_RAY_BIN, *args], stdout=so, stderr=se, env={**os.environ})
-    try:
+    with killed_at_exit(proc):
         wait_for(
             "a registered checkpoint", lambda: (restore_point(fs, run_path) or 0) >= 1,
             lambda: proc.poll() is None, 600,
@@ -294,18 +285,11 @@ def test_a_train_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(ray_a
         victim = max(workers, key=lambda p: p.pid)
         victim.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        try:
-            rc = proc.wait(timeout=TRAIN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(
-                f"HANG: se-ray train did not end within {TRAIN_TIMEOUT_S} s of losing a worker; "
-                "stderr tail:\n" + stderr.read_text()[-4000:]
-            )
+        rc = wait_or_fail(
+            proc, TRAIN_TIMEOUT_S,
+            lambda: f"se-ray train did not end within {TRAIN_TIMEOUT_S} s of losing a worker", stderr,
+        )  # fmt: skip
         end = time.monotonic()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     log = stderr.read_text()
     assert rc == 0, log[-4000:]
     assert step_at_kill is not None and step_at_kill < TRAIN_STEPS, f"killed too late: step {step_at_kill}"
