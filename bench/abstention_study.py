@@ -4,10 +4,10 @@ Each seed k runs `se-ray run --config jobs/configs/quickstart.yaml` with the spl
 sampling engine and the training seeded by k (its own train/validation/test questions), one
 after the other, each in its own output folder (a rerun reuses every finished stage). Then
 it prints, per method, the mean and a 95% interval over seeds (t distribution) of the test
-AED, accuracy, engagement, the share of the untuned-to-oracle gap closed, the answers kept
-of those the untuned model got right, the incorrect answers avoided, and the abstention rate
-on questions about things that do not exist; and appends one JSON line to
-bench/results.jsonl.
+AED, accuracy, engagement, the share of the untuned-to-oracle gap closed; of the questions
+the untuned model got right, the share the tuned model still answers and the share it still
+gets right (question by question); the incorrect answers avoided; and the abstention rate on
+questions about things that do not exist. It appends one JSON line to bench/results.jsonl.
 
     .venv/bin/python bench/abstention_study.py --seeds 3 --output out/study
 """
@@ -52,17 +52,22 @@ def test_scores(output: Path) -> dict[str, dict[str, float]]:
     data = json.loads((output / "report_data.json").read_text())
     out = {}
     untuned = next(m for m in data["methods"] if m["method"] == "untuned")["splits"]["test"]
-    right_untuned = untuned["correct_mean"]
     wrong_untuned = untuned["incorrect_mean"]
+    kept = data.get("knowledge_boundary", {}).get("retention", {})
     for m in data["methods"]:
         t = m["splits"]["test"]
         unanswerable = t.get("unanswerable") or 0
+        k = kept.get(m["method"], {"untuned_right": 1, "answered": 1, "still_right": 1})  # untuned
         out[m["method"]] = {
             "aed": t["aed_mean"],
             "accuracy": t["accuracy_mean"],
             "engagement": t["engagement_mean"],
             "gap_closed": math.nan if t.get("gap_closed") is None else t["gap_closed"],
-            "kept_of_untuned_right": t["correct_mean"] / right_untuned if right_untuned else math.nan,
+            # question by question, of those the untuned model got right
+            "answered_untuned_right": k["answered"] / k["untuned_right"] if k["untuned_right"] else math.nan,
+            "still_right_untuned_right": (
+                k["still_right"] / k["untuned_right"] if k["untuned_right"] else math.nan
+            ),
             "incorrect_avoided": 1 - t["incorrect_mean"] / wrong_untuned if wrong_untuned else math.nan,
             "unanswerable_abstained": (
                 t.get("unanswerable_abstained_mean", math.nan) / unanswerable if unanswerable else math.nan

@@ -22,6 +22,7 @@ from se_ray.report_sections import (
     method_table,
     num,
     plot_knowledge_boundary,
+    retention_section,
     tau,
 )
 
@@ -91,7 +92,8 @@ class ReportData(TypedDict, total=False):
     notes: list[str]
     # split -> the oracle abstainer: aed, accuracy, engagement, correct, incorrect, abstained, num_questions
     oracle: dict[str, dict[str, Any]]
-    # {"split", "bands": [{"band", "n", "models": {method: {n, correct, abstained, accuracy, abstention}}}]}
+    # {"split", "bands": [{"band", "n", "models": {method: {n, correct, abstained, accuracy, abstention}}}],
+    #  "retention": {method: {untuned_right, answered, still_right}}}
     knowledge_boundary: dict[str, Any]
     judge_audit: dict[str, Any] | None  # the untuned model's on the test split (evaluate's judge_audit)
     score_diagnostics: dict[str, Any] | None  # the label stage's: AUROC/AURAC of each score
@@ -286,8 +288,9 @@ def _headline(data: ReportData, labels: dict[str, str], folder: str, paths: dict
             "",
         ]
     boundary = data.get("knowledge_boundary") or {}
+    title = SPLIT_TITLES.get(boundary.get("split", "test"), "test")
+    lines += retention_section(boundary, labels, title)
     if boundary.get("bands"):
-        title = SPLIT_TITLES.get(boundary.get("split", "test"), "test")
         lines += band_section(boundary, labels, title)
         paths["knowledge_boundary"] = os.path.join(folder, KNOWLEDGE_PNG)
         plot_knowledge_boundary(boundary["bands"], labels, title, paths["knowledge_boundary"])

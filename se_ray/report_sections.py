@@ -171,6 +171,26 @@ def band_section(boundary: dict[str, Any], labels: dict[str, str], title: str) -
     return [*lines, "", f"![knowledge boundary]({KNOWLEDGE_PNG})", ""]
 
 
+def retention_section(boundary: dict[str, Any], labels: dict[str, str], title: str) -> list[str]:
+    """Question by question: of what the untuned model got right, what each method still answers."""
+    kept = boundary.get("retention") or {}
+    if not kept:
+        return []
+    lines = [
+        f"### What each method kept of the untuned model's right answers ({title}; first seed)",
+        "",
+        "| method | untuned right | still answered | still right |",
+        "|---|---|---|---|",
+    ]
+    for method, k in kept.items():
+        n = k["untuned_right"]
+        lines.append(
+            f"| {labels.get(method, method)} | {n} | {share(k['answered'] / n if n else None)} "
+            f"({k['answered']}) | {share(k['still_right'] / n if n else None)} ({k['still_right']}) |"
+        )
+    return [*lines, ""]
+
+
 def boundary_method(bands: list[dict[str, Any]]) -> str | None:
     """The tuned method the figure shows: SE, else the first tuned one there is."""
     models = list(dict.fromkeys(m for b in bands for m in b["models"] if m != "untuned"))

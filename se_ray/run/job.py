@@ -51,6 +51,7 @@ from se_ray.run.results import (
     band_table,
     publish_report,
     report_data,
+    retention,
     run_summary,
     split_title,
     unanswerable_scores,
@@ -253,6 +254,7 @@ class _Run:
             train_entropies,
             self.notes,
             bands=band_table(self.splits[BOUNDARY_SPLIT], self.boundary_flags),
+            retention=retention(self.boundary_flags),
             judge_audit=self.judge_audit,
             score_diagnostics=label_summary.get("score_diagnostics"),
         )

@@ -36,6 +36,7 @@ class RunOutcome:
     train_entropies: list[float]
     notes: list[str]
     bands: list[dict[str, Any]] = field(default_factory=list)  # band_table on the test split
+    retention: dict[str, dict[str, int]] = field(default_factory=dict)  # on the test split
     judge_audit: dict[str, Any] | None = None  # the untuned model's on the test split
     score_diagnostics: dict[str, Any] | None = None  # the label stage's
 
@@ -132,6 +133,26 @@ def band_table(rows: Sequence[Mapping[str, Any]], flags: Mapping[str, AnswerFlag
     ]
 
 
+def retention(flags: Mapping[str, AnswerFlags]) -> dict[str, dict[str, int]]:
+    """Per tuned method: of the questions the untuned model got right, how many it still
+    answers (does not abstain on) and how many it still gets right, question by question."""
+    untuned = flags.get(UNTUNED)
+    if untuned is None:
+        return {}
+    right = {i for i, c in zip(untuned.ids, untuned.correct, strict=True) if c}
+    out = {}
+    for method, f in flags.items():
+        if method == UNTUNED:
+            continue
+        on_right = [(a, c) for i, a, c in zip(f.ids, f.abstained, f.correct, strict=True) if i in right]
+        out[method] = {
+            "untuned_right": len(right),
+            "answered": sum(not a for a, _ in on_right),
+            "still_right": sum(bool(c) for _, c in on_right),
+        }
+    return out
+
+
 def judge_label(cfg: JobConfig) -> str:
     e = cfg.eval
     if e.judge == "llm":
@@ -177,8 +198,12 @@ def report_data(cfg: JobConfig, outcome: RunOutcome) -> ReportData:
         "judge_audit": outcome.judge_audit,
         "score_diagnostics": outcome.score_diagnostics,
     }
-    if outcome.bands:
-        data["knowledge_boundary"] = {"split": BOUNDARY_SPLIT, "bands": outcome.bands}
+    if outcome.bands or outcome.retention:
+        data["knowledge_boundary"] = {
+            "split": BOUNDARY_SPLIT,
+            "bands": outcome.bands,
+            "retention": outcome.retention,
+        }
     return data
 
 

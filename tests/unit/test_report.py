@@ -300,7 +300,11 @@ def _full_data():
             "unanswerable": total,
             "unanswerable_abstained_mean": abstained,
         }
-    data["knowledge_boundary"] = {"split": "test", "bands": BANDS}
+    data["knowledge_boundary"] = {
+        "split": "test",
+        "bands": BANDS,
+        "retention": {"semantic_entropy": {"untuned_right": 8, "answered": 5, "still_right": 4}},
+    }
     data["judge_audit"] = AUDIT
     data["score_diagnostics"] = DIAGNOSTICS
     return data
@@ -340,6 +344,8 @@ def test_report_shows_the_knowledge_boundary(tmp_path):
     assert "| q1 (most popular) | 4 | 75% (3) | 0% (0) | 75% (3) | 25% (1) |" in md
     assert "| q5 (least popular) | 4 | 25% (1) | 0% (0) | 0% (0) | 75% (3) |" in md
     assert "](knowledge_boundary.png)" in md
+    assert "| method | untuned right | still answered | still right |" in md
+    assert "| SE | 8 | 62% (5) | 50% (4) |" in md
 
 
 def test_report_shows_the_judge_audit_and_the_labeller_diagnostics(tmp_path):

@@ -16,6 +16,7 @@ from se_ray.run.results import (
     oracle_scores,
     publish_report,
     report_data,
+    retention,
     run_summary,
     unanswerable_scores,
     with_oracle,
@@ -132,6 +133,21 @@ def test_band_table_natural_order_missing_flags_and_no_bands():
     assert band_table([{"id": "a"}, {"id": "b", "band": ""}], {"untuned": flags}) == []
 
 
+def test_retention_follows_the_untuned_models_right_answers_question_by_question():
+    ids = ["a", "b", "c", "d", "e"]
+    untuned = AnswerFlags(ids, [False] * 5, [True, False, False, False, True], [True] * 5)
+    # answers a (now wrong) and b (now right, but the untuned model was wrong there), abstains on e
+    se = AnswerFlags(ids, [False, False, True, True, True], [False, True, None, None, None], [True] * 5)
+    # one question fewer (rejected by the engine): e is still counted as not answered
+    other = AnswerFlags(["a", "b"], [False, False], [True, True], [True, True])
+    kept = retention({"untuned": untuned, "semantic_entropy": se, "r_tuning": other})
+    assert kept == {
+        "semantic_entropy": {"untuned_right": 2, "answered": 1, "still_right": 0},
+        "r_tuning": {"untuned_right": 2, "answered": 1, "still_right": 1},
+    }
+    assert retention({"semantic_entropy": se}) == {}
+
+
 def test_report_data_and_summary_carry_the_oracle_bands_audit_and_diagnostics(tmp_path):
     cfg = load_config(None, ["sweep.taus=[0.5, 0.75]", "eval.judge=f1"])
     outcome = _outcome()
@@ -143,7 +159,7 @@ def test_report_data_and_summary_carry_the_oracle_bands_audit_and_diagnostics(tm
     assert data["oracle"]["ood"]["aed"] == pytest.approx(1 / math.sqrt(2))
     se = next(m for m in data["methods"] if m["method"] == "semantic_entropy")
     assert se["splits"]["test"]["gap_closed"] == pytest.approx((0.7123 - 0.6543) / (0.7123 - oracle))
-    assert data["knowledge_boundary"] == {"split": "test", "bands": BANDS}
+    assert data["knowledge_boundary"] == {"split": "test", "bands": BANDS, "retention": {}}
     assert data["judge_audit"] == AUDIT and data["score_diagnostics"] == DIAGNOSTICS
     paths = publish_report(data, Store(str(tmp_path)))
     assert "knowledge_boundary" in paths
