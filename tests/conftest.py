@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -122,6 +123,14 @@ def cluster(tmp_path):
 
     with two_node_cluster(tmp_path) as c:
         yield c
+
+
+def sigint_as_from_a_terminal() -> None:
+    """``preexec_fn`` for a job a test interrupts with SIGINT. A suite started in the background
+    without job control (`nohup bash -c '...' &`) runs with SIGINT ignored, every child inherits
+    that, and se-ray keeps an ignored SIGINT ignored (test_a_signal_ignored_on_entry_stays_ignored):
+    the child gets SIGINT at its default, as a terminal's foreground job does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SE_RAY_BIN, run_cli
+from tests.conftest import SE_RAY_BIN, run_cli, sigint_as_from_a_terminal
 from tests.faults.common import committed_ids, killed_at_exit, sets, wait_for
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,13 @@ def _interrupt_after_new_part(
     """Start the job, send ``signum`` once a part beyond ``before`` ids is committed."""
     stdout, stderr = tmp_path / f"stdout.{signum}", tmp_path / f"stderr.{signum}"
     with stdout.open("w") as so, stderr.open("w") as se:
-        proc = subprocess.Popen([SE_RAY_BIN, *args], stdout=so, stderr=se, env={**os.environ})
+        proc = subprocess.Popen(
+            [SE_RAY_BIN, *args],
+            stdout=so,
+            stderr=se,
+            env={**os.environ},
+            preexec_fn=sigint_as_from_a_terminal,
+        )
     alive = lambda: proc.poll() is None  # noqa: E731
     with killed_at_exit(proc):
         if second_copy:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from se_ray import cli
-from tests.conftest import SE_RAY_BIN
+from tests.conftest import SE_RAY_BIN, sigint_as_from_a_terminal
 
 QUESTIONS = '{"id": "q1", "question": "who wrote hamlet"}\n'
 
@@ -189,6 +189,7 @@ def _interrupt(tmp_path: Path, signum: int, cleanup_s: float = 0.0, twice: bool 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_from_a_terminal,
     )
     assert "working" in proc.stderr.readline()
     started = time.monotonic()
