@@ -47,6 +47,15 @@ def run_seed(seed: int, output: Path, extra: list[str]) -> dict[str, Any]:
     return summary
 
 
+def _share_of_untuned_right(method: str, kept: dict[str, dict[str, int]], field: str) -> float:
+    """Question by question, of those the untuned model got right: the share ``method`` still
+    answers or still gets right (the run's ``knowledge_boundary.retention``); NaN if unknown."""
+    if method == "untuned":
+        return 1.0
+    k = kept.get(method)
+    return k[field] / k["untuned_right"] if k and k["untuned_right"] else math.nan
+
+
 def test_scores(output: Path) -> dict[str, dict[str, float]]:
     """Per method, the test-split numbers of its chosen model (first seed of the run)."""
     data = json.loads((output / "report_data.json").read_text())
@@ -57,17 +66,13 @@ def test_scores(output: Path) -> dict[str, dict[str, float]]:
     for m in data["methods"]:
         t = m["splits"]["test"]
         unanswerable = t.get("unanswerable") or 0
-        k = kept.get(m["method"], {"untuned_right": 1, "answered": 1, "still_right": 1})  # untuned
         out[m["method"]] = {
             "aed": t["aed_mean"],
             "accuracy": t["accuracy_mean"],
             "engagement": t["engagement_mean"],
             "gap_closed": math.nan if t.get("gap_closed") is None else t["gap_closed"],
-            # question by question, of those the untuned model got right
-            "answered_untuned_right": k["answered"] / k["untuned_right"] if k["untuned_right"] else math.nan,
-            "still_right_untuned_right": (
-                k["still_right"] / k["untuned_right"] if k["untuned_right"] else math.nan
-            ),
+            "answered_untuned_right": _share_of_untuned_right(m["method"], kept, "answered"),
+            "still_right_untuned_right": _share_of_untuned_right(m["method"], kept, "still_right"),
             "incorrect_avoided": 1 - t["incorrect_mean"] / wrong_untuned if wrong_untuned else math.nan,
             "unanswerable_abstained": (
                 t.get("unanswerable_abstained_mean", math.nan) / unanswerable if unanswerable else math.nan

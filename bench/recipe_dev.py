@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,10 @@ from se_ray.config import load_config
 from se_ray.console import SummaryOutput
 from se_ray.data import load_questions
 from se_ray.engine import Engines
-from se_ray.evaluate import evaluate_rows, lora_engine_config
+from se_ray.evaluate import AnswerFlags, evaluate_rows, lora_engine_config
 from se_ray.judges.correctness import build_judge
-from se_ray.run.plan import split_rows
+from se_ray.run.plan import UNTUNED, seeded_order, split_rows
+from se_ray.run.results import retention
 from se_ray.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +39,7 @@ CONFIG = REPO / "jobs" / "configs" / "quickstart.yaml"
 def dev_questions(rows: list[dict[str, Any]], cfg: Any, n: int) -> list[dict[str, Any]]:
     """The first ``n`` scorable questions, in the split's seeded order, that no split holds."""
     used = {r[col.ID] for part in split_rows(rows, cfg.split).values() for r in part}
-    order = list(rows)
-    random.Random(cfg.split.seed).shuffle(order)  # the order split_rows draws from
+    order = seeded_order(rows, cfg.split.seed)
     return [r for r in order if r[col.ID] not in used and col.is_scorable(r)][:n]
 
 
@@ -78,16 +77,17 @@ def main() -> None:
             store = Store(str(out / folder), cfg.storage)
             summary, flags = evaluate_rows(cfg, dev, engines.generation(), judge, store, adapter)
             keys = ("aed", "correct", "incorrect", "abstained", "unanswerable_abstained")
-            scores[name] = {k: summary[k] for k in keys}
-            scores[name]["right"] = [r[col.ID] for r, c in zip(dev, flags.correct, strict=True) if c]
+            scores[name] = {**{k: summary[k] for k in keys}, "flags": flags.to_dict()}
             done.write_text(json.dumps(scores[name]))
 
     base = scores["base"]
     answerable = base["correct"] + base["incorrect"] + base["abstained"]
     print(f"{len(dev)} development questions ({answerable} answerable)")
     print(f"{'model':60} {'AED':>6} {'C':>4} {'I':>4} {'A':>4} {'kept':>6} {'fewer I':>8} {'unans':>5}")
+    base_flags = AnswerFlags(**base["flags"])
     for name, s in scores.items():
-        s["kept"] = len(set(base["right"]) & set(s["right"])) / max(len(base["right"]), 1)
+        kept = retention({UNTUNED: base_flags, name: AnswerFlags(**s["flags"])})[name]
+        s["kept"] = kept["still_right"] / max(kept["untuned_right"], 1)
         s["fewer_incorrect"] = 1 - s["incorrect"] / max(base["incorrect"], 1)
         print(f"{name[:60]:60} {s['aed']:6.3f} {s['correct']:4} {s['incorrect']:4} {s['abstained']:4} "
               f"{s['kept']:6.0%} {s['fewer_incorrect']:8.0%} {s['unanswerable_abstained']:5}")  # fmt: skip

@@ -43,11 +43,17 @@ def eval_key(cfg: JobConfig) -> dict[str, Any]:
     }
 
 
+def seeded_order(rows: Sequence[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The order the splits draw their questions from."""
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def split_rows(rows: Sequence[dict[str, Any]], cfg: SplitConfig) -> dict[str, list[dict[str, Any]]]:
     """Seeded shuffle; validation then test from the questions evaluation can score (with
     references, or marked unanswerable), train from the rest."""
-    order = list(rows)
-    random.Random(cfg.seed).shuffle(order)
+    order = seeded_order(rows, cfg.seed)
     with_refs = [r for r in order if col.is_scorable(r)]
     held_n = cfg.validation + cfg.test
     if len(with_refs) < held_n:

@@ -63,7 +63,10 @@ def _interrupt_after_new_part(
             env={**os.environ},
             preexec_fn=sigint_as_from_a_terminal,
         )
-    alive = lambda: proc.poll() is None  # noqa: E731
+
+    def alive() -> bool:
+        return proc.poll() is None
+
     with killed_at_exit(proc):
         if second_copy:
             wait_for("the lease", (out / "_lease.json").exists, alive, 600)
