@@ -45,7 +45,11 @@ def dev_questions(rows: list[dict[str, Any]], cfg: Any, n: int) -> list[dict[str
 
 def recipe(trial: Path) -> str:
     train = yaml.safe_load((trial / "train" / "train_config.yaml").read_text())["train"]
-    return f"{trial.name}: {train['epochs']} epochs, lr {train['learning_rate']:g}"
+    name = f"{trial.name}: {train['epochs']} epochs, lr {train['learning_rate']:g}"
+    if train.get("select_checkpoint", "last") == "last":
+        return name
+    summary = json.loads((trial / "train_summary.json").read_text())
+    return f"{name}, step {summary['selected_step']} by label rate"
 
 
 def main() -> None:

@@ -213,6 +213,19 @@ class TrainConfig(_Section):
     num_to_keep: int = Field(2, ge=1, json_schema_extra=OPERATIONAL)
     max_failures: int = Field(0, ge=0, json_schema_extra=OPERATIONAL)
     export_merged: bool = True
+    select_checkpoint: Literal["last", "label_rate"] = Field(
+        "last",
+        description="last: export the last step; label_rate: the probed step whose greedy answers to "
+        "held-out questions abstain at the rate closest to the training labels' (se_ray/train/selection.py).",
+    )
+    select_every_steps: int | None = Field(
+        None, ge=1, description="label_rate: probe every N optimizer steps, besides each epoch's end."
+    )
+    select_questions: str | None = Field(
+        None,
+        description="label_rate: the held-out questions file `se-ray train` probes with; "
+        "`se-ray run` probes with its validation split.",
+    )
 
 
 class EvalConfig(_Section):

@@ -70,7 +70,7 @@ from se_ray.run.stages import (
     run_labels,
     split_stage,
 )
-from se_ray.run.trials import TrialResult, run_trials
+from se_ray.run.trials import TrialResult, run_trials, selection_note
 from se_ray.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,10 @@ class _Run:
                     f"{METHOD_LABELS[method]}: τ = {', '.join(f'{t:g}' for t in shared)} give the same "
                     "training set (one trained model)."
                 )
+            trial = by_digest.get(chosen[method].digest)
+            note = selection_note(METHOD_LABELS[method], trial.train) if trial else None
+            if note:
+                self.notes.append(note)
         self.folders.sweep.write_json(
             "selection.json", {m: {"tau": c.tau, "digest": c.digest, "aed": c.aed} for m, c in chosen.items()}
         )

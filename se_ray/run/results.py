@@ -13,7 +13,7 @@ from typing import Any
 
 from se_ray import columns as col
 from se_ray import metrics
-from se_ray.config import JobConfig
+from se_ray.config import JobConfig, TrainConfig
 from se_ray.evaluate import AnswerFlags
 from se_ray.report import SPLIT_TITLES, MethodData, ReportData, render_report
 from se_ray.run.plan import SPLITS, UNTUNED, SweepPoint
@@ -178,8 +178,18 @@ def _setup(cfg: JobConfig, split_sizes: dict[str, int]) -> dict[str, Any]:
         "τ grid": ", ".join(f"{tau:g}" for tau in cfg.sweep.taus),
         "seeds": cfg.sweep.seeds,
         "training": f"{t.method}, {t.epochs} epochs, lr {t.learning_rate:g}, "
-        f"{t.num_workers} workers, ZeRO-{t.zero_stage}",
+        f"{t.num_workers} workers, ZeRO-{t.zero_stage}" + _selection_setup(t),
     }
+
+
+def _selection_setup(t: TrainConfig) -> str:
+    if t.select_checkpoint == "last":
+        return ""
+    every = f"every {t.select_every_steps} steps and " if t.select_every_steps else ""
+    return (
+        f"; exported: the step ({every}each epoch's end) whose validation abstention rate is "
+        "closest to the training labels'"
+    )
 
 
 def report_data(cfg: JobConfig, outcome: RunOutcome) -> ReportData:

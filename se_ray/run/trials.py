@@ -33,6 +33,7 @@ TRAIN_SUMMARY_FILE = "train_summary.json"
 # What a trial's training set keeps of the labels: what training reads (question, context,
 # target) and what says how it was labelled.
 TRIAL_LABEL_COLUMNS = (col.ID, col.QUESTION, col.CONTEXT, col.TARGET, col.ABSTAIN, col.TAU, col.LABEL_METHOD)
+TRAIN_SUMMARY_KEYS = ("final_loss", "steps", "tokens_per_s", "wall_s", "selected_step", "selection")
 TUNE_METRICS = ("aed", "accuracy", "engagement", "correct", "incorrect", "abstained")
 
 
@@ -59,6 +60,18 @@ class TrialResult:
         return cls(**{**d, "rule": Rule(**d["rule"])})
 
 
+def selection_note(method: str, train: dict[str, Any]) -> str | None:
+    """What ``train.select_checkpoint: label_rate`` exported for a trial, as a report note."""
+    selection = train.get("selection")
+    if not selection:
+        return None
+    return (
+        f"{method}: the exported model is step {train['selected_step']} of {train['steps']}, whose greedy "
+        f"answers abstained on {selection['selected_rate']:.0%} of {selection['questions']} validation "
+        f"questions (training labels: {selection['target_rate']:.0%} abstain)."
+    )
+
+
 def trial_labels(cfg: JobConfig, spec: TrialSpec, folders: RunFolders) -> pa.Table:
     """The training set of the spec's rule, checked against the partition the sweep planned."""
     table = run_labels(folders)
@@ -78,14 +91,18 @@ def _trained_model(train_summary: dict[str, Any]) -> str:
     return model
 
 
-def _train(cfg: JobConfig, spec: TrialSpec) -> dict[str, Any]:
+def _train(cfg: JobConfig, spec: TrialSpec, validation: list[dict[str, Any]]) -> dict[str, Any]:
     from se_ray.train import train_job
 
     summary = spec.store.read_json(TRAIN_SUMMARY_FILE)
     if summary is None:
         trial_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": spec.seed})})
         summary = train_job(
-            trial_cfg, labels=spec.store.uri("labels"), output=spec.store.uri("train"), resume=True
+            trial_cfg,
+            labels=spec.store.uri("labels"),
+            output=spec.store.uri("train"),
+            resume=True,
+            selection_questions=validation,
         )
         spec.store.write_json(TRAIN_SUMMARY_FILE, summary)
     return summary
@@ -101,13 +118,14 @@ def run_trial(cfg: JobConfig, spec: TrialSpec, folders: RunFolders) -> TrialResu
     started = time.perf_counter()
     labels = trial_labels(cfg, spec, folders)
     spec.store.child("labels").write_parquet("part-0.parquet", labels)
-    train_summary = _train(cfg, spec)
+    questions = folders.split.read_jsonl("validation.jsonl")
+    train_summary = _train(cfg, spec, questions)
     model = _trained_model(train_summary)
     with Engines(cfg, generation_config(cfg)) as engines:
         validation = evaluate_model(
             cfg,
             engines,
-            folders.split.read_jsonl("validation.jsonl"),
+            questions,
             spec.store.child("validation"),
             config_key(spec.key, "validation"),
             model,
@@ -121,7 +139,7 @@ def run_trial(cfg: JobConfig, spec: TrialSpec, folders: RunFolders) -> TrialResu
         rows=labels.num_rows,
         abstained=sum(labels.column(col.ABSTAIN).to_pylist()),
         model=model,
-        train={k: train_summary.get(k) for k in ("final_loss", "steps", "tokens_per_s", "wall_s")},
+        train={k: train_summary.get(k) for k in TRAIN_SUMMARY_KEYS},
         validation=validation.summary,
         wall_s=round(time.perf_counter() - started, 2),
     )

@@ -2,9 +2,11 @@
 
 Each checkpoint holds every rank's DeepSpeed shard (``deepspeed/``) and, from rank 0, ``se_ray/``:
 ``state.json`` (step, epoch, micro-batches done), ``metrics.jsonl`` (every step so far) and
-``export/`` (the trained weights as safetensors). The metrics ride inside the checkpoint because
-under Ray Train V2 ``Result.metrics`` may be None and, on a multi-node cluster, a worker's local
-file need not be visible to the driver; the checkpoint goes through Ray Train's own storage layer.
+``export/`` (the trained weights as safetensors; with ``train.select_checkpoint: label_rate``, those
+of the step selected so far, kept also as ``selected.safetensors`` for a resume). The metrics ride
+inside the checkpoint because under Ray Train V2 ``Result.metrics`` may be None and, on a
+multi-node cluster, a worker's local file need not be visible to the driver; the checkpoint goes
+through Ray Train's own storage layer.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 EXPORT_DIR = "export"
 FULL_WEIGHTS_FILE = "model.safetensors"
+SELECTED_FILE = "selected.safetensors"  # train.select_checkpoint=label_rate: the weights to export
 
 
 def write_meta(meta: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> None:

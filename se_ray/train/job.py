@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from se_ray import columns as col
-from se_ray.config import JobConfig
-from se_ray.data import check_labels_folder
+from se_ray.config import ConfigError, DataConfig, JobConfig
+from se_ray.data import InputError, check_labels_folder, load_questions
 from se_ray.runtime import ensure_ray
 from se_ray.train.checkpoint import EXPORT_DIR, RUN_NAME, STATE_DIR, TRAIN_DIR, read_meta, restore_point
 from se_ray.train.export import export_models, write_run_files
 from se_ray.train.plan import StepPlan, check_train_config, plan_steps
+from se_ray.train.selection import SELECT_LABEL_RATE, SelectionPlan
 from se_ray.train.worker import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -51,14 +52,25 @@ class TrainRun:
         return posixpath.join(self.storage_path, RUN_NAME)
 
 
-def train_job(cfg: JobConfig, labels: str, output: str, resume: bool = False) -> dict[str, Any]:
-    """Fine-tune ``cfg.sampling.model`` on a labels folder; export to ``output``. Returns a summary."""
+def train_job(
+    cfg: JobConfig,
+    labels: str,
+    output: str,
+    resume: bool = False,
+    selection_questions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``cfg.sampling.model`` on a labels folder; export to ``output``. Returns a summary.
+
+    ``selection_questions``: the held-out questions ``train.select_checkpoint: label_rate``
+    probes with (``se-ray run``: its validation split); None reads ``train.select_questions``.
+    """
     started = time.perf_counter()
     run = open_run(cfg, labels, output, resume)
+    selection = selection_plan(cfg, run, selection_questions)
     ensure_ray(cfg.ray)
     dataset = _labels_dataset(run)
     fit_start = time.perf_counter()
-    checkpoint = _fit(cfg, run, dataset)
+    checkpoint = _fit(cfg, run, dataset, selection)
     fit_s = time.perf_counter() - fit_start
     with tempfile.TemporaryDirectory(prefix="se-ray-export-") as tmp_name:
         tmp = Path(tmp_name)
@@ -67,6 +79,7 @@ def train_job(cfg: JobConfig, labels: str, output: str, resume: bool = False) ->
         paths = export_models(cfg, trained, tmp, run.out_fs, run.out_path, output)
         summary = {
             **_summary(cfg, run, state, history),
+            **_selection_summary(selection, state, history),
             "fit_s": fit_s,
             "wall_s": time.perf_counter() - started,
             "checkpoint": checkpoint.path,
@@ -112,6 +125,39 @@ def open_run(cfg: JobConfig, labels: str, output: str, resume: bool) -> TrainRun
         tcfg.num_workers,
     )
     return replace(run, prior_step=prior_step)
+
+
+def selection_plan(
+    cfg: JobConfig, run: TrainRun, questions: list[dict[str, Any]] | None
+) -> SelectionPlan | None:
+    """What ``train.select_checkpoint: label_rate`` probes with; None for ``last``."""
+    from se_ray.storage import read_parquet_folder
+
+    tcfg = cfg.train
+    if tcfg.select_checkpoint != SELECT_LABEL_RATE:
+        return None
+    if questions is None:
+        if not tcfg.select_questions:
+            raise ConfigError(
+                "train.select_checkpoint=label_rate needs held-out questions to probe with: set "
+                "train.select_questions to a questions file (se-ray run uses its validation split)"
+            )
+        questions = load_questions(tcfg.select_questions, DataConfig(), cfg.storage).rows
+    if not questions:
+        raise InputError(f"train.select_checkpoint=label_rate: no questions in {tcfg.select_questions}")
+    if col.ABSTAIN not in _columns(run):
+        raise InputError(
+            f"labels {run.labels_dir} lack column {col.ABSTAIN}: train.select_checkpoint=label_rate "
+            "needs the share of abstention labels"
+        )
+    wanted = [col.ID, col.ABSTAIN]
+    table = read_parquet_folder(run.labels_fs, run.labels_dir, columns=wanted, unique_by=col.ID)
+    flags = table.column(col.ABSTAIN).to_pylist() if table is not None else []
+    return SelectionPlan(
+        [(q[col.QUESTION], q.get(col.CONTEXT)) for q in questions],
+        sum(bool(f) for f in flags) / max(len(flags), 1),
+        cfg.labeling.abstention_text,
+    )
 
 
 def count_unique_ids(fs: Any, folder: str) -> int:
@@ -178,7 +224,7 @@ def _read_labels(parts: list[str], fs: Any) -> Any:
         ctx.use_datasource_v2 = saved
 
 
-def _fit(cfg: JobConfig, run: TrainRun, dataset: Any) -> Any:
+def _fit(cfg: JobConfig, run: TrainRun, dataset: Any, selection: SelectionPlan | None) -> Any:
     """Run (or resume) the ``TorchTrainer``; the run's latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -189,7 +235,11 @@ def _fit(cfg: JobConfig, run: TrainRun, dataset: Any) -> Any:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "rows": run.rows},
+        train_loop_config={
+            "job": cfg.model_dump(mode="json"),
+            "rows": run.rows,
+            "selection": selection.to_dict() if selection else None,
+        },
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources
@@ -254,6 +304,24 @@ def _summary(
     }
 
 
+def _selection_summary(
+    selection: SelectionPlan | None, state: dict[str, Any], history: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Which step was exported and why: the probes' abstention rates against the labels'."""
+    if selection is None:
+        return {"selected_step": state["step"], "selection": None}
+    return {
+        "selected_step": state.get("selected_step"),
+        "selection": {
+            "rule": SELECT_LABEL_RATE,
+            "questions": len(selection.questions),
+            "target_rate": selection.target_rate,
+            "selected_rate": state.get("selected_rate"),
+            "probes": [[h["step"], h["abstention_rate"]] for h in history if "abstention_rate" in h],
+        },
+    }
+
+
 def _log_done(run: TrainRun, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     for h in _steps_run_now(history, run.prior_step):  # rank 0 logged these live, on the worker
         logger.debug(
@@ -267,13 +335,14 @@ def _log_done(run: TrainRun, history: list[dict[str, Any]], summary: dict[str, A
         )
     logger.info(
         "train done: %d steps (%d run now), %d epochs, final loss %s, %.0f tokens/s, %.1f s wall; "
-        "adapter=%s merged=%s",
+        "exported step %s; adapter=%s merged=%s",
         summary["steps"],
         summary["steps_run"],
         summary["epochs"],
         f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a",
         summary["tokens_per_s"] or 0.0,
         summary["wall_s"],
+        summary["selected_step"],
         summary["adapter"],
         summary["merged"],
     )

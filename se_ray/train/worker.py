@@ -15,16 +15,24 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from se_ray.config import JobConfig, TrainConfig
-from se_ray.train.checkpoint import DS_DIR, EXPORT_DIR, FULL_WEIGHTS_FILE, STATE_DIR, read_meta, write_meta
+from se_ray.train.checkpoint import (
+    DS_DIR,
+    EXPORT_DIR,
+    SELECTED_FILE,
+    STATE_DIR,
+    read_meta,
+    write_meta,
+)
 from se_ray.train.examples import TokenizeCollate, stream_collate, with_last
 from se_ray.train.plan import StepPlan, deepspeed_config, lora_config, plan_steps, warmup_cosine
+from se_ray.train.selection import SelectionPlan, improves, probe_abstention_rate, probe_steps
+from se_ray.train.weights import config_dtype, gather_trainable, write_export
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +48,14 @@ class Worker:
     engine: Any
     tokenizer: Any
     base_dtype: Any  # the base folder's dtype: full fine-tuning exports in it
+    selection: SelectionPlan | None = None
+    selection_prompts: tuple[str, ...] = ()
+    probes: frozenset[int] = frozenset()
+
+    @property
+    def export_dtype(self) -> Any:
+        """LoRA matrices stay fp32 (small); full weights are exported in the base folder's dtype."""
+        return self.base_dtype if self.cfg.method == "full" else None
 
 
 @dataclass
@@ -52,6 +68,9 @@ class Progress:
     attempt: int = 0  # 0 for a fresh run, one more on each resume
     restored_from: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    selected_step: int | None = None  # train.select_checkpoint=label_rate: the step to export
+    selected_rate: float | None = None
+    selected_state: dict[str, Any] | None = None  # its trainable weights (rank 0)
 
 
 @dataclass
@@ -74,6 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     _log_to_console()
     worker = _set_up(job, int(config["rows"]))
+    worker = _with_selection(worker, config.get("selection"), job.sampling.answer_style)
     progress = _restore(worker)
     if worker.rank == 0:
         _log_setup(worker, progress, time.perf_counter() - loop_start)
@@ -113,7 +133,7 @@ def _set_up(job: JobConfig, rows: int) -> Worker:
 
     model_path = resolve_model(job.sampling.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    base_dtype = _config_dtype(AutoConfig.from_pretrained(model_path))
+    base_dtype = config_dtype(AutoConfig.from_pretrained(model_path))
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.bfloat16 if cfg.use_gpu else torch.float32
     )
@@ -130,6 +150,18 @@ def _set_up(job: JobConfig, rows: int) -> Worker:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
     )
     return Worker(cfg, plan, rank, world, engine, tokenizer, base_dtype)
+
+
+def _with_selection(w: Worker, selection: dict[str, Any] | None, style: str) -> Worker:
+    """The worker with its selection probe's prompts and steps (``train.select_checkpoint``)."""
+    if not selection:
+        return w
+    from se_ray.prompts import render_prompt
+
+    plan = SelectionPlan.from_dict(selection)
+    prompts = tuple(render_prompt(w.tokenizer, q, style, c) for q, c in plan.questions)
+    steps = probe_steps(w.cfg.select_every_steps, w.plan.steps_per_epoch, w.plan.total_steps)
+    return replace(w, selection=plan, selection_prompts=prompts, probes=frozenset(steps))
 
 
 def _train_epoch(
@@ -177,6 +209,8 @@ def _end_step(w: Worker, progress: Progress, window: _Window, epoch: int, micro:
     progress.step += 1
     progress.epoch, progress.micro = (epoch + 1, 0) if is_last else (epoch, micro + 1)
     row = _step_metrics(w, progress, window, epoch)
+    if w.selection is not None and progress.step in w.probes:
+        _probe(w, progress, row)
     progress.history.append(row)
     if w.rank == 0:
         logger.info(
@@ -197,6 +231,31 @@ def _end_step(w: Worker, progress: Progress, window: _Window, epoch: int, micro:
             logger.info("checkpoint at step %d saved in %.1f s", progress.step, time.perf_counter() - saving)
     else:
         ray.train.report(row)
+
+
+def _probe(w: Worker, progress: Progress, row: dict[str, Any]) -> None:
+    """Probe the abstention rate; keep this step's weights if it is the closest to the labels' yet."""
+    assert w.selection is not None
+    started = time.perf_counter()
+    target = w.selection.target_rate
+    rate = probe_abstention_rate(
+        w.engine.module, w.tokenizer, w.selection_prompts, w.selection.abstention_text, w.rank, w.world
+    )
+    row["abstention_rate"] = rate
+    kept = improves(rate, progress.selected_rate, target)
+    if kept:  # every rank decides alike: the rate is summed over all of them
+        progress.selected_step, progress.selected_rate = progress.step, rate
+        progress.selected_state = gather_trainable(w.engine, w.cfg.zero_stage, w.rank, w.export_dtype)
+    if w.rank == 0:
+        logger.info(
+            "probe at step %d: abstains on %.0f%% of %d held-out questions (labels: %.0f%%)%s; %.1f s",
+            progress.step,
+            100 * rate,
+            len(w.selection_prompts),
+            100 * target,
+            ", the closest yet" if kept else "",
+            time.perf_counter() - started,
+        )
 
 
 def _step_metrics(w: Worker, progress: Progress, window: _Window, epoch: int) -> dict[str, Any]:
@@ -232,18 +291,27 @@ def _save_checkpoint(w: Worker, progress: Progress, metrics: dict[str, Any]) -> 
         "world_size": w.world,
         "method": w.cfg.method,
         "zero_stage": w.cfg.zero_stage,
+        "selected_step": progress.selected_step,
+        "selected_rate": progress.selected_rate,
     }
     tmp = Path(tempfile.mkdtemp(prefix="se-ray-ckpt-"))
     try:
         w.engine.save_checkpoint(
             str(tmp / DS_DIR), tag=f"step{progress.step}", exclude_frozen_parameters=w.cfg.method == "lora"
         )
-        # LoRA matrices stay fp32 (small); full weights are exported in the base folder's dtype.
-        export_dtype = w.base_dtype if w.cfg.method == "full" else None
-        trained = _gather_trainable(w.engine, w.cfg.zero_stage, w.rank, export_dtype)
+        selected = progress.selected_step is not None
+        trained = (
+            progress.selected_state
+            if selected
+            else gather_trainable(w.engine, w.cfg.zero_stage, w.rank, w.export_dtype)
+        )
         if w.rank == 0:
-            _write_export(w.engine, w.cfg, trained, tmp / STATE_DIR / EXPORT_DIR)
+            write_export(w.engine, w.cfg, trained, tmp / STATE_DIR / EXPORT_DIR)
             write_meta(tmp / STATE_DIR, state, progress.history)
+            if selected:
+                from safetensors.torch import save_file
+
+                save_file(trained, str(tmp / STATE_DIR / SELECTED_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -269,6 +337,11 @@ def _restore(w: Worker) -> Progress:
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint.path}")
+        selected_state = None
+        if w.rank == 0 and saved.get("selected_step") is not None:
+            from safetensors.torch import load_file
+
+            selected_state = load_file(str(Path(folder) / STATE_DIR / SELECTED_FILE))
     return Progress(
         step=saved["step"],
         epoch=saved["epoch"],
@@ -276,6 +349,9 @@ def _restore(w: Worker) -> Progress:
         attempt=saved.get("attempt", 0) + 1,
         restored_from=saved["step"],
         history=history,
+        selected_step=saved.get("selected_step"),
+        selected_rate=saved.get("selected_rate"),
+        selected_state=selected_state,
     )
 
 
@@ -289,45 +365,6 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
-
-
-def _gather_trainable(engine: Any, zero_stage: int, rank: int, dtype: Any = None) -> dict[str, Any] | None:
-    """The trainable weights, whole, on rank 0, in ``dtype`` if given (a collective: every rank calls it).
-
-    One parameter at a time, so that ZeRO-3 never holds more than one gathered weight.
-    """
-    import deepspeed
-
-    state: dict[str, Any] = {}
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
-        gather = (
-            deepspeed.zero.GatheredParameters([p], modifier_rank=None) if zero_stage == 3 else nullcontext()
-        )
-        with gather:
-            if rank == 0:
-                state[name] = p.detach().to("cpu", dtype=dtype or p.dtype, copy=True).contiguous()
-    return state if rank == 0 else None
-
-
-def _write_export(engine: Any, cfg: TrainConfig, state: dict[str, Any], folder: Path) -> None:
-    """Rank 0: the trained weights as safetensors (peft adapter, or the full weights)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if cfg.method == "lora":
-        engine.module.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
-    else:
-        from safetensors.torch import save_file
-
-        save_file(state, str(folder / FULL_WEIGHTS_FILE), {"format": "pt"})
-
-
-def _config_dtype(config: Any) -> Any:
-    """The torch dtype a model folder's config declares (fp32 when it declares none)."""
-    import torch
-
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _log_setup(w: Worker, progress: Progress, setup_s: float) -> None:

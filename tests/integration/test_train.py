@@ -7,7 +7,8 @@ are kept tiny (the file should run in a few minutes on 2 cores):
   the abstention text, the exported merged model, loaded by vLLM (CPU build, greedy, the
   sampling prompt), answers "I don't know ..." where the base model answered something else.
 * LoRA, ZeRO-3: the driver is SIGKILLed after its first checkpoint, and ``resume=True``
-  carries on from that checkpoint's step, then finishes and exports.
+  carries on from that checkpoint's step, then finishes and exports the step that
+  ``train.select_checkpoint: label_rate`` selected over both attempts' probes.
 * full fine-tuning, ZeRO-3: exports a merged model in the base dtype.
 """
 
@@ -223,12 +224,18 @@ def test_lora_zero3_kill_driver_and_resume(tmp_path, ray_address, nq_dev):
     from se_ray.storage import filesystem
     from se_ray.train import train_job
     from se_ray.train.checkpoint import RUN_NAME, restore_point
+    from se_ray.train.selection import closest_step
 
     questions = _questions(nq_dev, 4, skip=4)
     targets = [ABSTENTION_TEXT if i % 2 else "Paris" for i in range(len(questions))]
     labels = _write_labels(tmp_path / "run", questions, targets)
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"question": q}) + "\n" for q in _questions(nq_dev, 3, skip=8)))
     overrides = _overrides(
         ray_address,
+        select_checkpoint="label_rate",
+        select_every_steps=1,
+        select_questions=str(held_out),
         zero_stage=3,
         method="lora",
         num_workers=2,
@@ -262,6 +269,7 @@ def test_lora_zero3_kill_driver_and_resume(tmp_path, ray_address, nq_dev):
         log.close()
     assert not (output / "metrics.jsonl").exists()  # the killed run never finished
     _wait_for_free_cpus(2)
+    assert "probe at step 1: abstains on" in (tmp_path / "driver.log").read_text()
 
     total = 4  # 4 rows / (1 row x 2 workers) x 2 epochs
     restored = restore_point(fs, str(run_path))
@@ -290,6 +298,14 @@ def test_lora_zero3_kill_driver_and_resume(tmp_path, ray_address, nq_dev):
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # B starts at 0
     assert (output / "merged" / "model.safetensors").exists()
     _assert_no_pickles(output / "adapter", output / "merged")
+    # Every step was probed, before the kill and after; the export is the closest to the labels
+    selection = summary["selection"]
+    assert selection["target_rate"] == 0.5 and selection["questions"] == 3
+    probes = [(s["step"], s["abstention_rate"]) for s in steps]
+    assert [list(p) for p in probes] == selection["probes"]
+    assert all(rate in (0.0, 1 / 3, 2 / 3, 1.0) for _, rate in probes)
+    assert summary["selected_step"] == closest_step(probes, 0.5)
+    assert selection["selected_rate"] == dict(probes)[summary["selected_step"]]
     print(f"\nLoRA ZeRO-3: resumed at step {restored + 1}, {summary['tokens_per_s']:.0f} tokens/s")
 
 

@@ -177,3 +177,27 @@ def test_summary_carries_abstention_on_unanswerable_questions(tmp_path):
     assert se["test_unanswerable"] == 8 and se["test_unanswerable_abstained_mean"] == pytest.approx(16 / 3)
     assert se["test_gap_closed"] == 0.4 and "ood_gap_closed" not in se
     assert summary["methods"]["r_tuning"]["test_unanswerable_abstained_mean"] is None
+
+
+def test_the_report_says_which_step_was_exported_and_why():
+    from se_ray.config import load_config
+    from se_ray.run.results import _setup
+    from se_ray.run.trials import selection_note
+
+    train = {
+        "steps": 60,
+        "selected_step": 25,
+        "selection": {"questions": 40, "selected_rate": 0.45, "target_rate": 0.4625, "probes": [[5, 0.0]]},
+    }
+    assert selection_note("SE", train) == (
+        "SE: the exported model is step 25 of 60, whose greedy answers abstained on 45% of 40 "
+        "validation questions (training labels: 46% abstain)."
+    )
+    assert selection_note("SE", {"steps": 60, "selected_step": 60, "selection": None}) is None
+    sizes = {"train": 1, "validation": 1, "test": 1, "ood": 0}
+    assert "exported" not in _setup(load_config(None, []), sizes)["training"]
+    cfg = load_config(None, ["train.select_checkpoint=label_rate", "train.select_every_steps=5"])
+    assert _setup(cfg, sizes)["training"].endswith(
+        "; exported: the step (every 5 steps and each epoch's end) whose validation abstention rate "
+        "is closest to the training labels'"
+    )

@@ -64,3 +64,37 @@ def test_repeated_ids_count_once(tmp_path):
     pq.write_table(extra, labels / "part-1.parquet")
     fs, folder, _ = check_labels_folder(str(labels), None)
     assert count_unique_ids(fs, folder) == 4  # ids q0, q1, q2 and q9
+
+
+def test_selection_plan_takes_the_labels_abstention_share_and_the_held_out_questions(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from se_ray.config import ConfigError
+    from se_ray.train.job import selection_plan
+
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    ids = ["a", "b", "c", "d", "a"]  # a repeated id counts once (the first part's row)
+    flags = [True, False, False, True, False]
+    table = pa.table({"id": ids, "question": ids, "target": ids, "abstain": flags})
+    pq.write_table(table.slice(0, 4), folder / "part-00000.parquet")
+    pq.write_table(table.slice(4), folder / "part-00001.parquet")
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text('{"question": "Capital of France?"}\n{"question": "Who?", "context": "A text."}\n')
+    on = ["train.select_checkpoint=label_rate"]
+    run = open_run(load_config(None, on), str(folder), str(tmp_path / "out"), resume=False)
+
+    assert selection_plan(load_config(None, []), run, None) is None  # select_checkpoint=last
+    given = selection_plan(load_config(None, on), run, [{"question": "Q?"}])
+    assert given.questions == [("Q?", None)] and given.target_rate == 0.5
+    assert given.abstention_text == "I don't know the answer."
+    from_file = selection_plan(load_config(None, [*on, f"train.select_questions={held_out}"]), run, None)
+    assert from_file.questions == [("Capital of France?", None), ("Who?", "A text.")]
+    with pytest.raises(ConfigError, match="train.select_questions"):
+        selection_plan(load_config(None, on), run, None)
+
+    pq.write_table(table.drop_columns(["abstain"]), folder / "part-00000.parquet")
+    (folder / "part-00001.parquet").unlink()
+    with pytest.raises(InputError, match="lack column abstain"):
+        selection_plan(load_config(None, on), run, [{"question": "Q?"}])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from se_ray.train.worker import Progress, _config_dtype, _param_groups
+from se_ray.train.weights import config_dtype
+from se_ray.train.worker import Progress, _param_groups
 
 
 def test_biases_and_norms_get_no_weight_decay():
@@ -23,9 +24,9 @@ def test_biases_and_norms_get_no_weight_decay():
 def test_config_dtype_reads_either_spelling():
     import torch
 
-    assert _config_dtype(SimpleNamespace(dtype="bfloat16")) is torch.bfloat16
-    assert _config_dtype(SimpleNamespace(torch_dtype=torch.float16)) is torch.float16
-    assert _config_dtype(SimpleNamespace()) is torch.float32
+    assert config_dtype(SimpleNamespace(dtype="bfloat16")) is torch.bfloat16
+    assert config_dtype(SimpleNamespace(torch_dtype=torch.float16)) is torch.float16
+    assert config_dtype(SimpleNamespace()) is torch.float32
 
 
 def test_a_fresh_run_starts_at_the_beginning():
