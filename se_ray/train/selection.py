@@ -102,19 +102,28 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_t
     width = max(len(i) for i in ids)
     input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step_ids, past, tokens = input_ids, None, []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for _ in range(max_new_tokens):
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
-                nxt = logits[:, -1, :].argmax(-1, keepdim=True)
-                input_ids = torch.cat([input_ids, nxt], dim=1)
-                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+                out = model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=past,
+                    use_cache=True,
+                )
+                past = out.past_key_values
+                step_ids = out.logits[:, -1, :].argmax(-1, keepdim=True)
+                tokens.append(step_ids)
+                mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+                positions = positions[:, -1:] + 1
     finally:
         model.train(was_training)
-    generated = input_ids[:, width:].tolist()
+    generated = torch.cat(tokens, dim=1).tolist()
     return [
         tokenizer.decode(_until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
         for row in generated
