@@ -19,6 +19,7 @@ from se_ray.report import SPLIT_TITLES, MethodData, ReportData, render_report
 from se_ray.run.plan import SPLITS, UNTUNED, SweepPoint
 from se_ray.run.stages import StageLog
 from se_ray.storage import Store, is_uri, write_bytes_atomic
+from se_ray.train.selection import SELECT_LAST
 
 REPORT_DATA_FILE = "report_data.json"
 BAND = "band"  # optional question field: its popularity band, e.g. "q1 (most popular)"
@@ -183,7 +184,7 @@ def _setup(cfg: JobConfig, split_sizes: dict[str, int]) -> dict[str, Any]:
 
 
 def _selection_setup(t: TrainConfig) -> str:
-    if t.select_checkpoint == "last":
+    if t.select_checkpoint == SELECT_LAST:
         return ""
     every = f"every {t.select_every_steps} steps and " if t.select_every_steps else ""
     return (

@@ -8,10 +8,11 @@ labels that are abstentions (ties: the later step).
 
 Why: how often a fine-tuned model abstains moves far more between runs than its labels do. On
 three seeds of the quickstart, 44-47% of the training questions were labelled "abstain" and the
-trained models abstained on 65%, 58% and 18% of their test questions; the same recipe on a
-second labeling run of one seed abstained on 29%. The labels say how often to abstain on
-questions like these; the probe holds the exported model to it, with no answer judged correct
-or wrong (no references are read) and no test question seen.
+trained models abstained on 65%, 58% and 18% of their test questions. Probed every 2 steps, the
+rate swings (0, 5, 85, 92, 37, 5, 37, 50, ... 55% on one run): where the last step lands is
+close to chance. The labels say how often to abstain on questions like these; the probe holds
+the exported model to it, with no answer judged correct or wrong (no references are read) and
+no test question seen.
 """
 
 from __future__ import annotations
