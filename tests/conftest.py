@@ -137,3 +137,16 @@ def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [SE_RAY_BIN, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ}
     )
+
+
+def greedy_one_prompt_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Hugging Face ``generate``, greedy, each prompt alone (no padding): the reference answers."""
+    import torch
+
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return answers

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from se_ray.config import ABSTENTION_TEXT, load_config
+from tests.conftest import greedy_one_prompt_at_a_time
 
 pytestmark = pytest.mark.slow
 
@@ -135,13 +136,7 @@ def _hf_greedy(model_dir: str, prompts: list[str]) -> list[str]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    answers = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
-    return answers
+    return greedy_one_prompt_at_a_time(model, tokenizer, prompts, max_new_tokens=16)
 
 
 def test_lora_zero2_learns_to_abstain(tmp_path, ray_address, nq_dev):

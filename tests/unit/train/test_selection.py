@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from se_ray.train.selection import SelectionPlan, closest_step, improves, probe_steps
+from tests.conftest import greedy_one_prompt_at_a_time
 
 MODEL = "builtin:smollm2-135m-instruct"
 
@@ -72,8 +73,6 @@ def model_and_tokenizer():
 
 def test_batched_greedy_answers_match_one_prompt_at_a_time(model_and_tokenizer):
     """Left padding must not change an answer: positions count from each prompt's first token."""
-    import torch
-
     from se_ray.prompts import render_prompt
     from se_ray.train.selection import greedy_answers
 
@@ -85,13 +84,7 @@ def test_batched_greedy_answers_match_one_prompt_at_a_time(model_and_tokenizer):
     batched = greedy_answers(model, tokenizer, prompts, max_new_tokens=8)
     assert model.training
     model.eval()
-    alone = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-        alone.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
-    assert batched == alone
+    assert batched == greedy_one_prompt_at_a_time(model, tokenizer, prompts, max_new_tokens=8)
     assert "Paris" in batched[0]
 
 
