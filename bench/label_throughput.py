@@ -220,7 +220,7 @@ def worker_reference(spec: dict[str, Any]) -> dict[str, Any]:
     from se_ray import entropy
     from se_ray.judges.entailment import Query, are_equivalent, build_judge
     from se_ray.models import resolve_model
-    from se_ray.prompts import render_prompt
+    from se_ray.prompts import question_prompt_ids
 
     cfg = _load_cfg(spec)
     s, e = cfg.sampling, cfg.entailment
@@ -282,8 +282,7 @@ def worker_reference(spec: dict[str, Any]) -> dict[str, Any]:
     rows = _questions(spec)[: spec.get("reference_limit") or None]
     for done, row in enumerate(rows, 1):
         t0 = time.perf_counter()
-        prompt = render_prompt(tokenizer, row["question"], s.answer_style)
-        input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        input_ids = torch.tensor([question_prompt_ids(tokenizer, row["question"], s.answer_style)])
         with torch.inference_mode():
             high = generate(input_ids, s.num_samples, s.temperature)
             generate(input_ids, 1, s.standard_temperature)
@@ -312,7 +311,7 @@ def worker_reference(spec: dict[str, Any]) -> dict[str, Any]:
 
 def worker_raw(spec: dict[str, Any]) -> dict[str, Any]:
     from se_ray.engine import LLMEngineActor
-    from se_ray.prompts import question_messages
+    from se_ray.prompts import question_prompt_ids
     from se_ray.stages.sample import sampling_params
 
     cfg = _load_cfg(spec)
@@ -320,12 +319,11 @@ def worker_raw(spec: dict[str, Any]) -> dict[str, Any]:
     # The plain class, in this process: the same vllm.LLM arguments and environment as se-ray's actor.
     engine = LLMEngineActor(s)
     from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
     rows = _questions(spec)
     prompts = [
-        engine.tokenizer.apply_chat_template(
-            question_messages(r["question"], s.answer_style), tokenize=False, add_generation_prompt=True
-        )
+        TokensPrompt(prompt_token_ids=question_prompt_ids(engine.tokenizer, r["question"], s.answer_style))
         for r in rows
     ]
     params = [SamplingParams(logprobs=0, **sampling_params(s, s.num_samples, s.temperature))] * len(rows) + [

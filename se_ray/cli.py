@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder or LoRA adapter folder (default: the config's base model)")
     p.add_argument("--input", required=True, help="held-out questions with references")
     p.add_argument("--output", required=True, help="output folder")
+    p.add_argument(
+        "--abstain-by",
+        choices=["semantic_entropy"],
+        help="the teacher: sample the model, abstain where semantic entropy > tau, else answer",
+    )
+    p.add_argument("--tau", type=float, help="threshold for --abstain-by (default: labeling.tau)")
     _common(p)
 
     p = verbs.add_parser("run", help="the whole job: split, label, train SE + baselines, evaluate, report")
@@ -86,7 +92,40 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     verbs.add_parser("prepare-models", help="prepare the built-in offline models into the cache")
+    _plan_parser(verbs)
     return parser
+
+
+def _plan_parser(verbs: Any) -> None:
+    p = verbs.add_parser("plan", help="the job's actor groups, the nodes Ray would put them on, GPU-hours")
+    p.add_argument(
+        "--cluster", help="a `ray up` config or a KubeRay RayCluster/RayJob manifest (cluster/...)"
+    )
+    p.add_argument(
+        "--verb",
+        dest="planned_verb",
+        choices=["run", "label", "train", "evaluate"],
+        help="the verb to plan (default: the one the config's first line runs, else run)",
+    )
+    p.add_argument("--questions", type=int, help="input size for label/train/evaluate GPU-hours")
+    p.add_argument("--reserve", action="store_true", help="ask the live cluster (ray.address) for it")
+    p.add_argument("--reserve-timeout", type=float, default=60.0, help="seconds to wait per phase")
+    p.add_argument("--config", help="YAML job config (default: the built-in CPU quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _plan(args: argparse.Namespace) -> dict[str, Any]:
+    from se_ray.resources.verb import plan_job
+
+    return plan_job(
+        load_config(args.config, args.overrides),
+        config_path=args.config,
+        cluster_file=args.cluster,
+        verb=args.planned_verb,
+        questions=args.questions,
+        do_reserve=args.reserve,
+        reserve_timeout_s=args.reserve_timeout,
+    )
 
 
 def _require(value: str | None, what: str) -> str:
@@ -113,7 +152,9 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig, output: str) -> dict[str
     if args.verb == "evaluate":
         from se_ray.evaluate import evaluate_job
 
-        return evaluate_job(cfg, model=args.model, input=args.input, output=output)
+        return evaluate_job(
+            cfg, model=args.model, input=args.input, output=output, abstain_by=args.abstain_by, tau=args.tau
+        )
     if args.verb == "run":
         from se_ray.run import run_job
 
@@ -133,6 +174,8 @@ def _run_verb(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.verb == "prepare-models":
         return _prepare_models()
+    if args.verb == "plan":
+        return _plan(args)
     cfg = load_config(args.config, args.overrides)
     output = _output(args, cfg)
     # Cheap checks first: a bad output or labels folder fails in a second, before Ray starts.
@@ -146,7 +189,7 @@ def _run_verb(args: argparse.Namespace) -> dict[str, Any]:
         output, cfg.storage, stale_s=cfg.storage.lease_stale_s, force=args.force, command=command
     ):
         summary = strict_json(_dispatch(args, cfg, output))
-    Store(output, cfg.storage).write_json(SUMMARY_FILE, summary)
+        Store(output, cfg.storage).write_json(SUMMARY_FILE, summary)  # under the lease, checked
     return summary
 
 

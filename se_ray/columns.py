@@ -46,6 +46,10 @@ ANSWER = "answer"
 ABSTAINED = "abstained"
 CORRECT = "correct"
 JUDGE = "judge"
+# optional, with eval.scores / --abstain-by (se_ray.scoring): higher means more reason to abstain
+SE_SCORE = "se_score"  # semantic entropy of M samples of the evaluated model, nats
+ABSTAIN_LOGPROB = "abstain_logprob"  # teacher-forced log-prob of labeling.abstention_text
+ANSWER_CORRECT = "answer_correct"  # the model's own answer judged, even where a score rule abstains
 
 _FLOATS, _INTS, _STRINGS = pa.list_(pa.float64()), pa.list_(pa.int64()), pa.list_(pa.string())
 

@@ -8,24 +8,29 @@ loads no torch, vllm, deepspeed or ray.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, StringConstraints, ValidationError, model_validator
+
+from se_ray.config_base import OPERATIONAL, ConfigError, results_key
+from se_ray.config_base import Section as _Section
+from se_ray.config_train import PAPER_TAU_GRID, SweepConfig, TrainConfig
+
+__all__ = [
+    "ABSTENTION_TEXT",
+    "PAPER_TAU_GRID",
+    "ConfigError",
+    "JobConfig",
+    "SweepConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_override",
+    "results_key",
+    "validate_config",
+]
 
 ABSTENTION_TEXT = "I don't know the answer."
-PAPER_TAU_GRID = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25]
-# Marks a field that changes how a job runs (pool sizes, batch sizes, placement) but not its
-# results: resume keys (``results_key``) leave such fields out.
-OPERATIONAL = {"operational": True}
-
-
-class ConfigError(ValueError):
-    """A bad config: the message is one line naming the key and the bad value."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class RayConfig(_Section):
@@ -49,6 +54,12 @@ class StorageConfig(_Section):
         "(--force takes a live one).",
         json_schema_extra=OPERATIONAL,
     )
+    s3_lease_without_boto3: bool = Field(
+        False,
+        description="Without boto3 an S3 output's lease is refused; true accepts one that is written and "
+        "read back (two runs racing to start may both write).",
+        json_schema_extra=OPERATIONAL,
+    )
 
 
 class DataConfig(_Section):
@@ -61,16 +72,6 @@ class DataConfig(_Section):
     id_field: str = "id"
     references_field: str = "references"
     context_field: str = "context"
-
-
-def results_key(section: BaseModel) -> dict[str, Any]:
-    """A section's fields that decide results, for resume keys: all but the operational ones."""
-    skip = {
-        name
-        for name, field in type(section).model_fields.items()
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("operational")
-    }
-    return section.model_dump(mode="json", exclude=skip)
 
 
 class EngineConfig(_Section):
@@ -117,6 +118,13 @@ class SamplingConfig(EngineConfig):
         1, ge=1, description="vLLM engine actors (one per GPU or TP group).", json_schema_extra=OPERATIONAL
     )
     num_cpus_per_engine: float = Field(1.0, ge=0, json_schema_extra=OPERATIONAL)
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type the engines (and the LLM judge engines derived from them) "
+        "need, e.g. H100, A100, L4 (Ray gives each GPU node the resource accelerator_type:<type>); "
+        "passed to Ray as accelerator_type=. None: any node with the GPUs asked for.",
+        json_schema_extra=OPERATIONAL,
+    )
     request_timeout_s: float | None = Field(
         600.0,
         gt=0,
@@ -171,6 +179,12 @@ class EntailmentConfig(_Section):
     )
     num_cpus: float = Field(0.5, ge=0, json_schema_extra=OPERATIONAL)
     num_gpus: float = Field(0.0, ge=0, json_schema_extra=OPERATIONAL)
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type of the entailment actors' nodes (e.g. H100), passed to "
+        "map_batches as accelerator_type=; None: any node.",
+        json_schema_extra=OPERATIONAL,
+    )
     device: str = Field("auto", description="torch device for the NLI/embedding model.")
     llm_max_tokens: int = Field(30, ge=1)
     llm_temperature: float = Field(0.02, gt=0)
@@ -183,49 +197,6 @@ class LabelingConfig(_Section):
     tau: float = Field(1.0, ge=0, description="Abstain when the score is > tau.")
     abstention_text: str = Field(ABSTENTION_TEXT, min_length=1)
     write_batch_size: int = Field(16, ge=1, description="Rows per committed Parquet part.")
-
-
-class TrainConfig(_Section):
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, ge=0, json_schema_extra=OPERATIONAL)
-    zero_stage: Literal[2, 3] = 2
-    method: Literal["lora", "full"] = "lora"
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    learning_rate: float = Field(3e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    global_batch_size: int = Field(48, ge=1)
-    micro_batch_size: int = Field(4, ge=1, description="Per worker per step.")
-    epochs: int = Field(7, ge=1)
-    warmup_ratio: float = Field(0.2, ge=0, lt=1, description="The paper's 'cosine with a cycle of 0.2'.")
-    max_length: int = Field(256, ge=8)
-    gradient_clipping: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
-    shuffle_buffer: int = Field(
-        0,
-        ge=0,
-        description="Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps stream order.",
-    )
-    seed: int = 0
-    checkpoint_every_steps: int | None = Field(None, ge=1, json_schema_extra=OPERATIONAL)
-    num_to_keep: int = Field(2, ge=1, json_schema_extra=OPERATIONAL)
-    max_failures: int = Field(0, ge=0, json_schema_extra=OPERATIONAL)
-    export_merged: bool = True
-    select_checkpoint: Literal["last", "label_rate"] = Field(
-        "last",
-        description="last: export the last step; label_rate: the probed step whose greedy answers to "
-        "held-out questions abstain at the rate closest to the training labels' (se_ray/train/selection.py).",
-    )
-    select_every_steps: int | None = Field(
-        None, ge=1, description="label_rate: probe every N optimizer steps, besides each epoch's end."
-    )
-    select_questions: str | None = Field(
-        None,
-        description="label_rate: the held-out questions file `se-ray train` probes with; "
-        "`se-ray run` probes with its validation split.",
-    )
 
 
 class EvalConfig(_Section):
@@ -250,6 +221,37 @@ class EvalConfig(_Section):
         "None: sampling.tensor_parallel_size.",
         json_schema_extra=OPERATIONAL,
     )
+    scores: list[Literal["se_score", "abstain_logprob"]] = Field(
+        default_factory=list,
+        description="Abstention scores per question in results.parquet: se_score (semantic entropy of "
+        "sampling.num_samples samples of the evaluated model, clustered by the entailment judge), "
+        "abstain_logprob (teacher-forced log-prob of labeling.abstention_text after the prompt).",
+    )
+    risk_alpha: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="Certified dial: the share of questions answered wrongly allowed.",
+        json_schema_extra=OPERATIONAL,
+    )
+    risk_delta: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Certified dial: the risk bound may fail with at most this probability.",
+        json_schema_extra=OPERATIONAL,
+    )
+    risk_p_value: Literal["binomial", "hoeffding_bentkus"] = Field(
+        "binomial",
+        description="Certified dial: the p-value (exact binomial tail, or LTT's Hoeffding-Bentkus).",
+        json_schema_extra=OPERATIONAL,
+    )
+    calibration_input: str | None = Field(
+        None,
+        description="se-ray evaluate: labelled questions to certify each score's threshold on "
+        "(se-ray run uses its validation split).",
+        json_schema_extra=OPERATIONAL,
+    )
 
 
 class SplitConfig(_Section):
@@ -257,25 +259,19 @@ class SplitConfig(_Section):
     validation: int = Field(16, ge=1)
     test: int = Field(32, ge=0)
     seed: int = 0
-    ood_input: str | None = Field(None, description="Out-of-distribution evaluation file.")
-    ood_limit: int | None = Field(None, ge=1)
+    ood_input: str | None = Field(None, description="Out-of-distribution evaluation file (the split `ood`).")
+    ood_inputs: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]+$")], str] = Field(
+        default_factory=dict,
+        description="More out-of-distribution sets, {name: file}: each is evaluated and reported as its "
+        "own split `ood_<name>` (names: lowercase letters, digits, underscores).",
+    )
+    ood_limit: int | None = Field(None, ge=1, description="At most this many questions of each OOD set.")
 
-
-class SweepConfig(_Section):
-    taus: list[float] = Field(default_factory=lambda: list(PAPER_TAU_GRID))
-    seeds: int = Field(1, ge=1, description="Retrain the chosen tau with this many seeds.")
-    methods: list[Literal["semantic_entropy", "r_tuning", "exact_entropy"]] = Field(
-        default_factory=lambda: ["semantic_entropy", "r_tuning", "exact_entropy"]
-    )
-    max_concurrent_trials: int = Field(
-        1, ge=1, description="Ray Tune trials at once (each trial trains with train.num_workers workers)."
-    )
-    trial_num_cpus: float = Field(
-        0.0,
-        ge=0,
-        description="CPUs reserved by each Tune trial's own function (it launches the trainer and waits); "
-        "0 reserves none, so the trainer's workers get every CPU.",
-    )
+    @property
+    def ood_splits(self) -> dict[str, str]:
+        """Every OOD split's name and file: ``ood`` (``ood_input``), then ``ood_<name>`` in order."""
+        named = {f"ood_{name}": path for name, path in self.ood_inputs.items()}
+        return ({"ood": self.ood_input} if self.ood_input else {}) | named
 
 
 class JobConfig(_Section):

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from se_ray.config import EngineConfig, JobConfig, RayConfig, SamplingConfig
+from se_ray.config import EngineConfig, JobConfig, RayConfig, SamplingConfig, StorageConfig
 from se_ray.engine_actor import Completion, EngineFailedError, LLMEngineActor, Rejected, request_params
+from se_ray.engine_dispatch import Dispatch, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,24 @@ class EnginePool:
         size = batch_size or max(1, -(-len(conversations) // len(self.actors)))
         results: list[Any] = [None] * len(conversations)
         todo = [list(range(s, min(s + size, len(conversations)))) for s in range(0, len(conversations), size)]
-        _Dispatch(self, conversations, per, adapter, results).run(todo)
+        Dispatch(self, conversations, per, adapter, results).run(todo)
         return results
+
+    def continuation_logprobs(
+        self, conversations: list, continuation: str, adapter: str | None = None
+    ) -> list[float | Rejected]:
+        """``LLMEngineActor.continuation_logprobs``, the rows split evenly over the engines, one call
+        each (no restart or retry)."""
+        import ray
+
+        n, size = len(self.actors), max(1, -(-len(conversations) // max(1, len(self.actors))))
+        calls = [
+            self.actors[k % n].continuation_logprobs.remote(
+                conversations[s : s + size], continuation, adapter
+            )
+            for k, s in enumerate(range(0, len(conversations), size))
+        ]
+        return [value for part in ray.get(calls) for value in part]
 
     def _call(self, k: int, conversations: list, params: list, adapter: str | None):
         return self.actors[k].chat.remote(conversations, params, adapter)
@@ -146,7 +163,7 @@ class EnginePool:
                 raise self._not_back(k, cause, e) from None
 
     def _not_back(self, k: int, cause: str, e: BaseException) -> EngineFailedError:
-        return EngineFailedError(f"engine {self.names[k]} did not come back after {cause}: {_first_line(e)}")
+        return EngineFailedError(f"engine {self.names[k]} did not come back after {cause}: {first_line(e)}")
 
     def wait_ready(self) -> list[dict[str, Any]]:
         """Block until every engine has started; raises the error of one that failed to."""
@@ -173,112 +190,24 @@ class EnginePool:
             try:
                 ray.get(handle.shutdown.remote(), timeout=timeout_s)
             except Exception as e:  # the engine may already be gone; killing it is what matters
-                logger.warning("engine %s did not shut down cleanly: %s", name, _first_line(e))
+                logger.warning("engine %s did not shut down cleanly: %s", name, first_line(e))
             ray.kill(handle)
         self.owned = []
         self.actors = []
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
-
-
-def _engine_died(e: BaseException) -> bool:
-    """An error of the engine, not of a row: the actor died, or vLLM's core did."""
-    import ray.exceptions as rex
-
-    if isinstance(e, rex.RayActorError | rex.GetTimeoutError):
-        return True
-    return "EngineDeadError" in type(e).__name__ or "EngineDeadError" in str(e) or "EngineCore" in str(e)
-
-
-def _actor_gone(e: BaseException) -> bool:
-    import ray.exceptions as rex
-
-    return isinstance(e, rex.RayActorError) and not isinstance(e, rex.ActorUnavailableError)
-
-
-class _Dispatch:
-    """Runs chunks of rows over a pool's engines: one call in flight per engine, a chunk that
-    fails is split until the failing rows stand alone (they become ``Rejected``), an engine that
-    dies or exceeds the timeout is restarted and its chunk retried."""
-
-    def __init__(self, pool: EnginePool, conversations: list, params: list, adapter: str | None, out: list):
-        self.pool, self.conversations, self.params, self.adapter, self.out = (
-            pool,
-            conversations,
-            params,
-            adapter,
-            out,
-        )
-        self.failures: dict[int, int] = {}  # engine index -> restarts in this call
-
-    def run(self, todo: list[list[int]]) -> None:
-        import ray
-
-        n = len(self.pool.actors)
-        free = [(self.pool._cursor + k) % n for k in range(n)]
-        self.pool._cursor += 1
-        flight: dict[Any, tuple[int, list[int], float]] = {}
-        while todo or flight:
-            while todo and free:
-                k, rows = free.pop(0), todo.pop(0)
-                ref = self.pool._call(
-                    k, [self.conversations[i] for i in rows], [self.params[i] for i in rows], self.adapter
-                )
-                flight[ref] = (k, rows, time.monotonic())
-            ready, _ = ray.wait(list(flight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                k, rows, _ = flight.pop(ref)
-                free.append(k)
-                todo[:0] = self._settle(ref, k, rows)
-            for ref, (k, rows, started) in list(flight.items()):
-                timeout = self.pool.request_timeout_s
-                if timeout and time.monotonic() - started > timeout:
-                    del flight[ref]
-                    self._restart(k, f"no answer within sampling.request_timeout_s={timeout:g}")
-                    free.append(k)
-                    todo.insert(0, rows)
-
-    def _settle(self, ref: Any, k: int, rows: list[int]) -> list[list[int]]:
-        """Store a finished call's results; returns the chunks to run again."""
-        import ray
-
-        try:
-            results = ray.get(ref)
-        except Exception as e:
-            if _engine_died(e):
-                # An actor that died is already being restarted by Ray: wait for it, don't kill.
-                self._restart(k, _first_line(e), kill=not _actor_gone(e))
-                return [rows]
-            if len(rows) == 1:
-                self.out[rows[0]] = Rejected(f"the engine call failed: {_first_line(e)}")
-                return []
-            half = len(rows) // 2
-            return [rows[:half], rows[half:]]
-        for i, r in zip(rows, results, strict=True):
-            self.out[i] = r
-        return []
-
-    def _restart(self, k: int, cause: str, kill: bool = True) -> None:
-        self.failures[k] = self.failures.get(k, 0) + 1
-        if self.failures[k] > self.pool.retries:
-            raise EngineFailedError(
-                f"engine {self.pool.names[k]} failed {self.failures[k]} times "
-                f"(sampling.engine_retries={self.pool.retries}); last: {cause}"
-            )
-        self.pool.restart(k, cause, kill)
-
-
 def acquire_engines(
-    cfg: SamplingConfig, ray_cfg: RayConfig, detached: bool = False, wait: bool = True
+    cfg: SamplingConfig,
+    ray_cfg: RayConfig,
+    detached: bool = False,
+    wait: bool = True,
+    storage: StorageConfig | None = None,
 ) -> EnginePool:
     """Reuse running engines with these settings, start the missing ones, wait until ready.
 
     ``wait=False`` returns at once: calls queue behind the engines' start-up, so a caller can
     start its other actors meanwhile (and ``wait_ready`` later for a clear start-up error).
+    ``storage``: how the engines reach model and adapter URIs (each copies them to its own node).
     """
     import ray
 
@@ -303,12 +232,14 @@ def acquire_engines(
             num_cpus=cfg.num_cpus_per_engine,
             num_gpus=gpus,
             max_concurrency=1,
-            max_restarts=-1,  # restarts are bounded per call by engine_retries (_Dispatch)
+            max_restarts=-1,  # restarts are bounded per call by engine_retries (Dispatch)
             runtime_env={"env_vars": dict(cfg.env)} if cfg.env else None,
         )
+        if cfg.accelerator_type:
+            options["accelerator_type"] = cfg.accelerator_type
         if detached:
             options["lifetime"] = "detached"
-        handles.append(ray.remote(LLMEngineActor).options(**options).remote(cfg.engine))
+        handles.append(ray.remote(LLMEngineActor).options(**options).remote(cfg.engine, storage))
         if not detached:
             pool.owned.append(name)
         logger.info("starting vLLM engine %s for %s", name, cfg.model)
@@ -342,7 +273,9 @@ class Engines:
         digest = engine_digest(engine_cfg)
         if digest not in self._pools:
             ensure_ray(self.cfg.ray)
-            self._pools[digest] = acquire_engines(engine_cfg, self.cfg.ray, wait=wait)
+            self._pools[digest] = acquire_engines(
+                engine_cfg, self.cfg.ray, wait=wait, storage=self.cfg.storage
+            )
         return self._pools[digest]
 
     def generation(self, wait: bool = True) -> EnginePool:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from se_ray.config import EngineConfig
+from se_ray.config import EngineConfig, StorageConfig
 from se_ray.models import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,12 @@ class Rejected:
     reason: str
 
 
+def teacher_forced_steps(prompt_ids: list[int], continuation_ids: list[int]) -> list[tuple[list[int], int]]:
+    """One (context, next token) per continuation token: the prompt and the continuation so far,
+    then the token whose log-prob is read there (the sum over the steps is the continuation's)."""
+    return [(prompt_ids + continuation_ids[:k], token) for k, token in enumerate(continuation_ids)]
+
+
 class EngineFailedError(RuntimeError):
     """An engine died or stopped answering, and its restarts are spent."""
 
@@ -74,15 +80,16 @@ class EngineFailedError(RuntimeError):
 class LLMEngineActor:
     """One vLLM engine (one GPU, a tensor-parallel group, or the CPU build)."""
 
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, storage: StorageConfig | None = None):
+        """``storage``: how this node reaches the URIs of models and adapters (S3 endpoint etc.)."""
         started = time.perf_counter()
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.update(cfg.env)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, cfg.kv_cache_space_gb))))
         from vllm import LLM
 
-        self.cfg = cfg
-        self.model_path = resolve_model(cfg.model)
+        self.cfg, self.storage = cfg, storage
+        self.model_path = resolve_model(cfg.model, storage)  # a URI: copied into this node's cache
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
             seed=cfg.seed,  # per-request seeds fail on the CPU build: seed the engine
@@ -115,31 +122,37 @@ class LLMEngineActor:
         }
 
     def _lora_request(self, adapter: str | None):
+        """``adapter``: a URI or a shared-filesystem path, materialised on this node. vLLM keeps
+        a loaded adapter by its id, so the id follows the copy's content key: an adapter
+        rewritten at the same URI is loaded afresh."""
         if adapter is None:
             return None
         from vllm.lora.request import LoRARequest
 
-        lora_id = self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1)
-        return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
+        from se_ray.artifacts import materialize
+
+        path = materialize(adapter, self.storage)
+        lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
+        return LoRARequest(f"adapter-{lora_id}", lora_id, path)
 
     def chat(
         self,
         conversations: list[list[dict[str, str]]],
         params: list[dict[str, Any]],
         adapter: str | None = None,
-    ) -> list[list[Completion]]:
+    ) -> list[list[Completion] | Rejected]:
         """Chat-template each conversation and sample with its own parameters, in one call.
 
-        ``params[i]`` are ``vllm.SamplingParams`` keyword arguments; returns, per
-        conversation, its ``n`` completions with their token log-prob sums, or ``Rejected``
-        where the prompt and its answer budget do not fit the engine's context.
+        The prompts reach vLLM as token ids from ``chat_prompt_ids`` (never as text, which vLLM
+        would encode with a second BOS). ``params[i]`` are ``vllm.SamplingParams`` keyword
+        arguments; returns, per conversation, its ``n`` completions with their token log-prob
+        sums, or ``Rejected`` where the prompt and its answer budget do not fit the context.
         """
-        prompts = [
-            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-            for c in conversations
-        ]
+        from se_ray.prompts import chat_prompt_ids
+
+        prompts = [chat_prompt_ids(self.tokenizer, c) for c in conversations]
         out: list[list[Completion] | Rejected] = [
-            self._check_length(p, q.get("max_tokens", 16)) for p, q in zip(prompts, params, strict=True)
+            self._check_length(len(p), q.get("max_tokens", 16)) for p, q in zip(prompts, params, strict=True)
         ]
         fits = [i for i, r in enumerate(out) if r is None]
         done = self.generate([prompts[i] for i in fits], [params[i] for i in fits], adapter) if fits else []
@@ -147,24 +160,22 @@ class LLMEngineActor:
             out[i] = completions
         return out
 
-    def _check_length(self, prompt: str, max_tokens: int) -> Rejected | None:
-        tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def _check_length(self, prompt_tokens: int, max_tokens: int) -> Rejected | None:
         context = self.cfg.max_model_len
-        if tokens + max_tokens <= context:
+        if prompt_tokens + max_tokens <= context:
             return None
         return Rejected(
-            f"prompt is {tokens:,} tokens; the engine holds {context:,} ({max_tokens} kept for the answer)"
+            f"prompt is {prompt_tokens:,} tokens; the engine holds {context:,} "
+            f"({max_tokens} kept for the answer)"
         )
 
     def generate(
-        self, prompts: list[str], params: list[dict[str, Any]], adapter: str | None = None
+        self, prompt_ids: list[list[int]], params: list[dict[str, Any]], adapter: str | None = None
     ) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         sampling = [SamplingParams(**{"logprobs": 0, **p}) for p in params]
-        outputs = self.llm.generate(
-            prompts, sampling, use_tqdm=False, lora_request=self._lora_request(adapter)
-        )
+        outputs = self._run(prompt_ids, sampling, adapter)
         return [
             [
                 Completion(c.text.strip(), float(c.cumulative_logprob or 0.0), len(c.token_ids))
@@ -172,6 +183,61 @@ class LLMEngineActor:
             ]
             for out in outputs
         ]
+
+    def _run(self, prompt_ids: list[list[int]], sampling: list[Any], adapter: str | None) -> list[Any]:
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids],
+            sampling,
+            use_tqdm=False,
+            lora_request=self._lora_request(adapter),
+        )
+        self._last_prompt_token_ids = [list(o.prompt_token_ids or []) for o in outputs]
+        return outputs
+
+    def last_prompt_token_ids(self) -> list[list[int]]:
+        """The prompt token ids vLLM reported for the requests of the last call (a check that what
+        reaches the model is what the renderer made: one BOS, no second tokenisation)."""
+        return list(getattr(self, "_last_prompt_token_ids", []))
+
+    def continuation_logprobs(
+        self, conversations: list[list[dict[str, str]]], continuation: str, adapter: str | None = None
+    ) -> list[float | Rejected]:
+        """Per conversation, the teacher-forced total log-probability of ``continuation``'s tokens
+        right after its chat prompt (e.g. of the abstention text; no EOS added), or ``Rejected``.
+
+        Read one token at a time (``teacher_forced_steps``): one request per continuation token,
+        whose one generated position reports the raw log-prob of that token
+        (``logprob_token_ids``); prefix caching shares the prompt's prefill across them. vLLM's
+        ``prompt_logprobs`` would score all positions in one pass, but with LoRA enabled it kills
+        the CPU engine core and drops an lm_head adapter's delta on GPU (vllm-project/vllm#16668,
+        #51594), while sampled log-probs are right.
+        """
+        from vllm import SamplingParams
+
+        from se_ray.prompts import chat_prompt_ids
+
+        tail = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if not tail:
+            raise ValueError("continuation_logprobs needs a continuation of at least one token")
+        prompts = [chat_prompt_ids(self.tokenizer, c) for c in conversations]
+        out: list[float | Rejected | None] = [self._check_length(len(p) + len(tail) - 1, 1) for p in prompts]
+        steps = [
+            (i, context, token)
+            for i, p in enumerate(prompts)
+            if out[i] is None
+            for context, token in teacher_forced_steps(p, tail)
+        ]
+        sampling = [
+            SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[t], detokenize=False)
+            for _, _, t in steps
+        ]
+        outputs = self._run([context for _, context, _ in steps], sampling, adapter) if steps else []
+        totals = {i: 0.0 for i, r in enumerate(out) if r is None}
+        for (i, _, token), o in zip(steps, outputs, strict=True):
+            totals[i] += o.outputs[0].logprobs[0][token].logprob
+        return [totals.get(i, r) for i, r in enumerate(out)]  # type: ignore[misc]
 
     def _exit_when_core_dies(self, every_s: float = 2.0) -> None:
         """End this actor once vLLM marks its core process dead: a call in flight would block for

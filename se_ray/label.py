@@ -21,7 +21,7 @@ from se_ray.config import JobConfig, LabelingConfig
 from se_ray.data import load_questions, require_questions
 from se_ray.judges.correctness import diagnostic_judge
 from se_ray.labeling import SCORE_COLUMNS, label_by_score, score_diagnostics
-from se_ray.models import resolve_model
+from se_ray.models import check_model
 from se_ray.storage import Store, read_parquet_folder
 
 logger = logging.getLogger(__name__)
@@ -143,12 +143,13 @@ def _run_pipeline(cfg: JobConfig, todo: list[dict[str, Any]], out: Store, source
 
 
 def check_models(cfg: JobConfig) -> None:
-    """Fail before any cluster work on a model folder that does not exist (hub ids load later)."""
-    resolve_model(cfg.sampling.model)
+    """Fail before any cluster work on a model folder that does not exist (hub ids load later;
+    a URI is checked where it is, not copied here)."""
+    check_model(cfg.sampling.model, cfg.storage)
     if cfg.entailment.judge in ("embedding", "nli") or (
         cfg.entailment.judge == "llm" and cfg.entailment.model
     ):
-        resolve_model(cfg.entailment.model)
+        check_model(cfg.entailment.model, cfg.storage)
 
 
 def label_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:

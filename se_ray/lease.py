@@ -6,8 +6,9 @@ random token. It is created atomically where the store allows it:
 * local or shared filesystem: the record is written to a temporary file, then hard-linked
   to the lease name (``link`` fails if the name exists, and a reader never sees a
   half-written record);
-* S3 (boto3 importable): a conditional put, ``If-None-Match: *``; heartbeats and stale
-  takeovers are puts with ``If-Match: <etag>`` so that only one of two racers wins;
+* S3 (through boto3): a conditional put, ``If-None-Match: *``; heartbeats and stale
+  takeovers are puts with ``If-Match: <etag>`` so that only one of two racers wins. Without
+  boto3 an S3 lease is refused unless ``storage.s3_lease_without_boto3`` accepts the next way;
 * any other pyarrow filesystem: written, then read back after a short pause to detect a
   race (the later writer wins, the other one sees a foreign token and refuses).
 
@@ -15,11 +16,15 @@ A second acquirer refuses with one line naming the owner, unless the lease is st
 heartbeat for ``stale_s``, or an owner on this host whose process is gone) or ``force``.
 Leases are re-entrant within a process: the CLI and the job function it calls may both
 take the lease on the same output.
+
+Every commit of output (``se_ray.storage``'s atomic writes, a folder cleared or published)
+first calls ``check_leases()``: it reads each lease this process holds, or adopted from the
+driver (``held_claims`` / ``adopted``: a Tune trial's process), and raises ``LeaseLostError``
+when another run's record is there, so a run whose lease was taken commits nothing more.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -28,13 +33,21 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from se_ray.lease_records import (
+    LeaseRecord,
+    current_holder,
+    held_message,
+    lost_message,
+    lost_reason,
+    stale_reason,
+)
 from se_ray.lease_stores import LeaseStore, store_for
-from se_ray.storage import filesystem, is_uri
+from se_ray.storage import filesystem, is_uri, on_commit
 
 if TYPE_CHECKING:
     from se_ray.config import StorageConfig
@@ -54,79 +67,6 @@ class LeaseHeldError(RuntimeError):
 
 class LeaseLostError(RuntimeError):
     """This run's lease was taken over (it looked stale to another run, or was forced)."""
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    host: str
-    pid: int
-    started_at: float
-    heartbeat_at: float
-    token: str
-    command: str = ""
-
-    def to_bytes(self) -> bytes:
-        return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, fallback_time: float) -> LeaseRecord:
-        """Parse a lease; an unreadable one (half-written by a foreign tool) gets ``fallback_time``."""
-        try:
-            raw = json.loads(data.decode())
-            return cls(
-                host=str(raw["host"]),
-                pid=int(raw["pid"]),
-                started_at=float(raw["started_at"]),
-                heartbeat_at=float(raw["heartbeat_at"]),
-                token=str(raw["token"]),
-                command=str(raw.get("command", "")),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return cls("?", 0, fallback_time, fallback_time, "", "unreadable lease")
-
-    @property
-    def owner(self) -> str:
-        return f"{self.host}:{self.pid}"
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def stale_reason(
-    record: LeaseRecord,
-    now: float,
-    stale_s: float,
-    this_host: str,
-    alive: Callable[[int], bool] = pid_alive,
-) -> str | None:
-    """Why ``record`` may be taken over, or None while its owner counts as live."""
-    age = now - record.heartbeat_at
-    if age > stale_s:
-        return f"no heartbeat for {age:.0f} s (stale after {stale_s:.0f} s)"
-    if record.host == this_host and not alive(record.pid):
-        return f"process {record.pid} on this host is gone"
-    return None
-
-
-def _utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def held_message(output: str, record: LeaseRecord, now: float, stale_s: float) -> str:
-    age = max(0.0, now - record.heartbeat_at)
-    return (
-        f"output {output} is leased by {record.owner} since {_utc(record.started_at)}; "
-        f"heartbeat {age:.0f} s ago (use --force or wait for it to go stale after {stale_s:.0f} s)"
-    )
 
 
 def default_heartbeat_s(stale_s: float) -> float:
@@ -230,24 +170,39 @@ class OutputLease:
             beat = LeaseRecord(**{**asdict(self.record), "heartbeat_at": time.time()})
             try:
                 version = self._store.replace(beat.to_bytes(), self._version)
+                holder = current_holder(self._store) if version is None else None
             except Exception as e:  # a transient store error: the next beat tries again
                 logger.warning("lease heartbeat on %s failed: %s", self.location, e)
                 continue
-            if version is None:
-                current = self._store.read()
-                owner = (
-                    LeaseRecord.from_bytes(current[0], time.time()).owner if current else "nobody (deleted)"
-                )
-                self.lost = f"the lease on {self.location} was taken over by {owner}"
-                logger.error("%s; this run no longer writes alone", self.lost)
+            if version is not None:
+                self._version, self.record = version, beat
+            elif holder is not None and holder[0].token == self.record.token:
+                self._version = holder[1]  # still ours (a racer put it back): beat again next time
+            else:
+                self.lost = lost_message(self.location, holder[0] if holder else None)
+                logger.warning("%s (found by the heartbeat)", self.lost)
                 return
-            self._version, self.record = version, beat
 
     def check(self) -> None:
-        """Raise ``LeaseLostError`` when another run took this lease over (call before commits)."""
+        """Raise ``LeaseLostError`` when another run took this lease over (called before commits).
+
+        Reads the lease store, so a takeover is seen at the first commit after it, not only at
+        the next heartbeat; a store that cannot be read leaves the verdict to the heartbeat."""
         lease = self._outer or self
+        if lease.lost is None and lease.record is not None and lease._store is not None:
+            try:
+                lease.lost = lost_reason(lease._store, lease.location, lease.record.token)
+            except Exception as e:
+                logger.warning("could not read the lease on %s before a commit: %s", lease.location, e)
         if lease.lost:
             raise LeaseLostError(lease.lost)
+
+    def claim(self) -> LeaseClaim:
+        """What another process needs to check this lease before its own commits."""
+        lease = self._outer or self
+        if lease.record is None:
+            raise RuntimeError(f"the lease on {self.location} is not held")
+        return LeaseClaim(lease.location, lease.storage, lease.record.token)
 
     def release(self) -> None:
         if self._outer is not None:
@@ -273,6 +228,65 @@ class OutputLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class LeaseClaim:
+    """A lease held by another process of this run (the driver), checked from this one: it
+    pickles as (output, storage, token), so it travels to a Tune trial's process."""
+
+    def __init__(self, location: str, storage: StorageConfig | None, token: str):
+        self.location, self.storage, self.token = location, storage, token
+        self.lost: str | None = None
+        self._store: LeaseStore | None = None
+
+    def __reduce__(self):
+        return (LeaseClaim, (self.location, self.storage, self.token))
+
+    def check(self) -> None:
+        if self.lost is None:
+            self._store = self._store or store_for(self.location, self.storage)
+            try:
+                self.lost = lost_reason(self._store, self.location, self.token)
+            except Exception as e:
+                logger.warning("could not read the lease on %s before a commit: %s", self.location, e)
+        if self.lost:
+            raise LeaseLostError(self.lost)
+
+
+_ADOPTED: list[LeaseClaim] = []
+
+
+def check_leases() -> None:
+    """Raise ``LeaseLostError`` if a lease this process holds or adopted was taken over.
+
+    Every commit of output calls it first; with no lease in the process it does nothing."""
+    with _HELD_LOCK:
+        leases: list[OutputLease | LeaseClaim] = [*_HELD.values(), *_ADOPTED]
+    for lease in leases:
+        lease.check()
+
+
+on_commit(check_leases)  # storage's commits check the leases (it cannot import this module)
+
+
+def held_claims() -> list[LeaseClaim]:
+    """The leases this process holds, to hand to the processes that commit for it."""
+    with _HELD_LOCK:
+        held = list(_HELD.values())
+    return [lease.claim() for lease in held if lease.record is not None]
+
+
+@contextmanager
+def adopted(claims: Sequence[LeaseClaim]) -> Iterator[None]:
+    """Check ``claims`` before every commit this process makes while inside."""
+    with _HELD_LOCK:
+        _ADOPTED.extend(claims)
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            for claim in claims:
+                _ADOPTED.remove(claim)
 
 
 def check_output_location(location: str, storage: StorageConfig | None = None) -> tuple[Any, str]:

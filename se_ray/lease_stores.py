@@ -27,6 +27,10 @@ LEASE_FILE = "_lease.json"
 _SETTLE_S = 1.0
 
 
+class LeaseStoreError(RuntimeError):
+    """No safe lease store can be built for this output (one line)."""
+
+
 class LeaseStore:
     where: str
 
@@ -296,7 +300,13 @@ def store_for(location: str, storage: StorageConfig | None) -> LeaseStore:
         try:
             client = _s3_client(storage)
         except ImportError:
-            logger.info("boto3 is not installed: the lease on %s is checked by reading it back", location)
+            if not getattr(storage, "s3_lease_without_boto3", False):
+                raise LeaseStoreError(
+                    "boto3 is not installed, and an S3 lease without its conditional puts lets two "
+                    "racing runs both write: pip install boto3 (it is in the gpu extra), or set "
+                    "storage.s3_lease_without_boto3=true to accept a lease that is written and read back"
+                ) from None
+            logger.warning("boto3 is not installed: the lease on %s is written and read back", location)
         else:
             bucket, _, key = path.partition("/")
             return S3Store(client, bucket, key)

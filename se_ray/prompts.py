@@ -1,5 +1,6 @@
 """Every prompt se-ray sends: the paper's two answer styles (sampling, training, evaluation), the
-reference LLM entailment prompt and the reference correctness-judge prompt."""
+reference LLM entailment prompt and the reference correctness-judge prompt, and the one renderer
+that turns a chat into the token ids every model sees (``chat_prompt_ids``)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,49 @@ def question_messages(question: str, style: AnswerStyle, context: str | None = N
     return [{"role": "system", "content": SYSTEM_PROMPTS[style]}, {"role": "user", "content": user}]
 
 
-def render_prompt(tokenizer: Any, question: str, style: AnswerStyle, context: str | None = None) -> str:
-    """The chat-templated prompt text, ending where the assistant's answer starts."""
-    return tokenizer.apply_chat_template(
-        question_messages(question, style, context), tokenize=False, add_generation_prompt=True
-    )
+def with_one_bos(ids: Sequence[int], bos_id: int | None, adds_bos: bool) -> list[int]:
+    """``ids`` starting with exactly one ``bos_id``: repeats at the start collapse to one, and one
+    is put first where the tokenizer would add it and the template did not. Without a BOS token,
+    or for a tokenizer that adds none to a template that writes none, ``ids`` are unchanged."""
+    out = list(ids)
+    if bos_id is None:
+        return out
+    while len(out) > 1 and out[0] == bos_id and out[1] == bos_id:
+        del out[0]
+    if adds_bos and (not out or out[0] != bos_id):
+        out.insert(0, bos_id)
+    return out
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding with special tokens puts the BOS token first (Llama-3's post-processor,
+    ``add_bos_token``), found by encoding a probe text both ways."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bool(special) and special[0] == bos and (not plain or plain[0] != bos)
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids of a chat prompt, ending where the assistant's answer starts: the one
+    tokenisation every model call uses (vLLM engines, training examples, the selection probe).
+
+    The chat template is rendered to text (``add_generation_prompt=True``) and encoded without
+    special tokens, so a BOS the template writes (Llama-3's ``<|begin_of_text|>``) is kept once
+    and not doubled; where only the tokenizer adds one, it is added once (``with_one_bos``).
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return with_one_bos(ids, tokenizer.bos_token_id, tokenizer_adds_bos(tokenizer))
+
+
+def question_prompt_ids(
+    tokenizer: Any, question: str, style: AnswerStyle, context: str | None = None
+) -> list[int]:
+    """``chat_prompt_ids`` of a question in the paper's answer style (sampling, training, evaluation)."""
+    return chat_prompt_ids(tokenizer, question_messages(question, style, context))
 
 
 # jlko/semantic_uncertainty's LLM entailment prompt.

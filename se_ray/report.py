@@ -12,9 +12,12 @@ import os
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
+from se_ray.report_risk import risk_section
 from se_ray.report_sections import (
     KNOWLEDGE_PNG,
     ORACLE_NOTE,
+    RANDOM_NOTE,
+    abstention_by_band_section,
     band_section,
     canvas,
     diagnostics_section,
@@ -36,11 +39,30 @@ SPLIT_TITLES = {
     "ood": "out-of-distribution set",
     "validation": "in-distribution validation split",
 }
+OOD_PREFIX = "ood_"  # a named OOD set's split: ood_<name> (split.ood_inputs)
+
+
+def split_title(split: str) -> str:
+    """A split's title: "in-distribution test split", "out-of-distribution set `elements`"."""
+    if split.startswith(OOD_PREFIX):
+        return f"out-of-distribution set `{split.removeprefix(OOD_PREFIX)}`"
+    return SPLIT_TITLES.get(split, split)
+
+
+def report_splits(methods: Sequence[dict[str, Any]]) -> list[str]:
+    """The splits the method tables show, in order: test, ood, then each named OOD set."""
+    present = list(dict.fromkeys(s for m in methods for s in (m.get("splits") or {})))
+    fixed = [s for s in ("test", "ood") if s in present]
+    return fixed + [s for s in present if s.startswith(OOD_PREFIX)]
+
+
 METHOD_LABELS = {
     "untuned": "Untuned",
     "semantic_entropy": "SE",
+    "random_at_rate": "Random abstainer at the SE-tuned model's rate",
     "exact_entropy": "R-Tuning-U",
     "r_tuning": "R-Tuning",
+    "teacher": "Teacher (SE at inference, the SE method's τ)",
 }
 
 
@@ -96,6 +118,7 @@ class ReportData(TypedDict, total=False):
     #  "retention": {method: {untuned_right, answered, still_right}}}
     knowledge_boundary: dict[str, Any]
     judge_audit: dict[str, Any] | None  # the untuned model's on the test split (evaluate's judge_audit)
+    risk: dict[str, Any]  # the certified dials (se_ray.run.dial; with eval.scores)
     score_diagnostics: dict[str, Any] | None  # the label stage's: AUROC/AURAC of each score
 
 
@@ -109,10 +132,13 @@ _COLORS = {
 
 def _sweep_table(sweep: dict[str, list[dict[str, Any]]], labels: dict[str, str], split: str) -> list[str]:
     points = [p for ps in sweep.values() for p in ps]
-    splits = [s for s in ("validation", "test", "ood") if any(s in p for p in points)]
+    present = list(dict.fromkeys(k for p in points for k in p))
+    splits = [s for s in ("validation", "test", "ood") if s in present]
+    splits += [s for s in present if s.startswith(OOD_PREFIX)]
     short = {"validation": "validation", "test": "test", "ood": "OOD"}
+    short |= {s: f"OOD {s.removeprefix(OOD_PREFIX)}" for s in splits if s.startswith(OOD_PREFIX)}
     lines = [
-        f"### Every τ (first seed): AED per split; counts on the {SPLIT_TITLES.get(split, split)}",
+        f"### Every τ (first seed): AED per split; counts on the {split_title(split)}",
         "",
         "| method | τ | "
         + " | ".join(f"AED {short[s]}" for s in splits)
@@ -180,7 +206,7 @@ def plot_adaptation(
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("incorrect answers (I)")
     ax.set_ylabel("correct answers (C)")
-    ax.set_title(f"Adaptation: one point per τ ({SPLIT_TITLES.get(split, split)})")
+    ax.set_title(f"Adaptation: one point per τ ({split_title(split)})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -191,7 +217,7 @@ def plot_aed_by_method(methods: list[dict[str, Any]], path: str) -> None:
     """AED per method (mean over seeds) with its 95% bootstrap interval, one bar per split."""
     import numpy as np
 
-    splits = [s for s in ("test", "ood") if any(s in (m.get("splits") or {}) for m in methods)]
+    splits = report_splits(methods)
     fig = canvas(max(5.0, 1.4 * len(methods) + 2), 4.2)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(splits))
@@ -212,7 +238,7 @@ def plot_aed_by_method(methods: list[dict[str, Any]], path: str) -> None:
             width,
             yerr=[lows, highs],
             capsize=4,
-            label=SPLIT_TITLES.get(split, split),
+            label=split_title(split),
             alpha=0.85,
         )
     ax.axhline(1 / math.sqrt(2), color="grey", linestyle=":", linewidth=1, label="always abstain (0.707)")
@@ -270,6 +296,8 @@ def _header(data: ReportData) -> list[str]:
     ]
     if data.get("oracle"):
         lines += [ORACLE_NOTE, ""]
+    if any(m.get("method") == "random_at_rate" for m in data.get("methods") or []):
+        lines += [RANDOM_NOTE, ""]
     return lines
 
 
@@ -278,8 +306,8 @@ def _headline(data: ReportData, labels: dict[str, str], folder: str, paths: dict
     methods = data.get("methods") or []
     oracle = data.get("oracle") or {}
     lines: list[str] = []
-    for s in ("test", "ood"):
-        lines += method_table(methods, s, SPLIT_TITLES.get(s, s), oracle.get(s))
+    for s in report_splits(methods):
+        lines += method_table(methods, s, split_title(s), oracle.get(s))
     chosen = {m["method"]: m.get("chosen_tau") for m in methods if m.get("chosen_tau") is not None}
     if chosen:
         lines += [
@@ -290,6 +318,7 @@ def _headline(data: ReportData, labels: dict[str, str], folder: str, paths: dict
     boundary = data.get("knowledge_boundary") or {}
     title = SPLIT_TITLES.get(boundary.get("split", "test"), "test")
     lines += retention_section(boundary, labels, title)
+    lines += abstention_by_band_section(boundary, labels, title)
     if boundary.get("bands"):
         lines += band_section(boundary, labels, title)
         paths["knowledge_boundary"] = os.path.join(folder, KNOWLEDGE_PNG)
@@ -325,6 +354,7 @@ def render_report(data: ReportData, folder: str) -> dict[str, str]:
             paths["histogram"],
         )
         lines += [f"![semantic entropy of the training set]({HISTOGRAM_PNG})", ""]
+    lines += risk_section(data.get("risk"), labels, folder)
     lines += diagnostics_section(data.get("score_diagnostics"))
     lines += judge_audit_section(data.get("judge_audit"), SPLIT_TITLES["test"])
     notes = data.get("notes") or []
@@ -338,6 +368,8 @@ def render_report(data: ReportData, folder: str) -> dict[str, str]:
 __all__ = [
     "METHOD_LABELS",
     "SPLIT_TITLES",
+    "report_splits",
+    "split_title",
     "MethodData",
     "PointScores",
     "ReportData",

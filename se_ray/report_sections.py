@@ -171,6 +171,50 @@ def band_section(boundary: dict[str, Any], labels: dict[str, str], title: str) -
     return [*lines, "", f"![knowledge boundary]({KNOWLEDGE_PNG})", ""]
 
 
+RANDOM_NOTE = (
+    "Random abstainer at the SE-tuned model's rate: the untuned model's answers with k = round(r·|D|) of "
+    "them, drawn uniformly at random, replaced by abstentions (r: the SE-tuned model's abstention rate, "
+    "mean over seeds). Its counts and AED are expectations over the draw, computed exactly, not sampled "
+    "(so no interval); a method that abstains *where* it does not know beats it at the same rate."
+)
+
+
+def _kappa_line(agreement: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    lines = []
+    for method, a in agreement.items():
+        reference = labels.get(a["reference"], a["reference"])
+        lines.append(
+            f"{labels.get(method, method)} vs {reference}, abstention question by question ({a['n']} "
+            f"questions): Cohen's κ = {num(a['kappa'], 2)}; both abstained {a['both_abstained']}, only "
+            f"{labels.get(method, method)} {a['only_method_abstained']}, only {reference} "
+            f"{a['only_reference_abstained']}, neither {a['neither_abstained']}."
+        )
+    return [*lines, ""] if lines else []
+
+
+def abstention_by_band_section(boundary: dict[str, Any], labels: dict[str, str], title: str) -> list[str]:
+    """Per band: the untuned model's accuracy beside each other model's abstention (the tuned
+    models', the teacher's where it was evaluated), and the agreement with the teacher (κ)."""
+    bands = boundary.get("bands") or []
+    models = [m for m in dict.fromkeys(m for b in bands for m in b["models"]) if m != "untuned"]
+    lines: list[str] = []
+    if bands and models:
+        heads = [f"{labels.get(m, m)} abstained" for m in models]
+        lines += [
+            f"### Does abstention follow what the untuned model knows? ({title}; first seed)",
+            "",
+            "| band | n | untuned correct | " + " | ".join(heads) + " |",
+            "|---|---|---|" + "---|" * len(heads),
+        ]
+        for b in bands:
+            u = b["models"].get("untuned") or {}
+            cells = [share((b["models"].get(m) or {}).get("abstention")) for m in models]
+            first = f"| {cell(b['band'])} | {b['n']} | {share(u.get('accuracy'))} | "
+            lines.append(first + " | ".join(cells) + " |")
+        lines.append("")
+    return lines + _kappa_line(boundary.get("agreement") or {}, labels)
+
+
 def retention_section(boundary: dict[str, Any], labels: dict[str, str], title: str) -> list[str]:
     """Question by question: of what the untuned model got right, what each method still answers."""
     kept = boundary.get("retention") or {}

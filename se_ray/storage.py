@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from se_ray.config import StorageConfig
@@ -50,13 +52,36 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+_COMMIT_CHECKS: list[Callable[[], None]] = []
+
+
+def on_commit(check: Callable[[], None]) -> None:
+    """Run ``check`` before every commit: ``se_ray.lease`` registers the check that raises
+    ``LeaseLostError`` once this run's lease on its output was taken."""
+    if check not in _COMMIT_CHECKS:
+        _COMMIT_CHECKS.append(check)
+
+
+def before_commit() -> None:
+    """Called by every commit of output (atomic writes, a folder cleared or published)."""
+    for check in tuple(_COMMIT_CHECKS):
+        check()
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write under a hidden temporary name, then move into place: readers see all or nothing."""
+    """Write under a hidden temporary name, then move into place: readers see all or nothing.
+    A run that lost its output's lease stops before the move (``before_commit``)."""
     parent, name = posixpath.split(path)
     fs.create_dir(parent, recursive=True)
     tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
     with fs.open_output_stream(tmp) as out:
         out.write(data)
+    try:
+        before_commit()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
     fs.move(tmp, path)
 
 
@@ -166,6 +191,7 @@ class Store:
         self.fs.create_dir(self.path, recursive=True)
 
     def clear(self) -> None:
+        before_commit()
         self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
 
     def read_text(self, *parts: str) -> str:

@@ -7,6 +7,11 @@ processes of the test, each in its own process group, and are stopped by signall
 cluster included). Token authentication is on (``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN``).
 The head carries the custom resource ``head``, the worker ``worker_node``; their CPU counts
 are the caller's (default: 2 on the head, 1 on the worker).
+
+Separate filesystems (``NodeHome``, ``hide_from_worker``): each node can get its own ``HOME``,
+``SE_RAY_CACHE`` and ``TMPDIR``, and the worker node can be started in a mount namespace of its
+own (``unshare --mount --propagation private``) with a private, empty tmpfs over the head's
+folders, so a path on the head's (the driver's) disk is really missing where the worker runs.
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import RAY_BIN, REPO
 
@@ -56,12 +64,68 @@ def _node_ports() -> list[str]:
     ]
 
 
-class TwoNodeCluster:
-    """A head (with the job server) and one worker node, as child processes of this test."""
+@dataclass(frozen=True)
+class NodeHome:
+    """One node's own ``HOME``, ``SE_RAY_CACHE`` and ``TMPDIR``, under ``root``."""
 
-    def __init__(self, workdir: Path, head_cpus: int = 2, worker_cpus: int = 1):
+    root: Path
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def cache(self) -> Path:
+        return self.home / ".cache" / "se-ray"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def make(self) -> NodeHome:
+        for folder in (self.home, self.cache, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def env(self) -> dict[str, str]:
+        return {"HOME": str(self.home), "SE_RAY_CACHE": str(self.cache), "TMPDIR": str(self.tmp)}
+
+
+def _in_private_mounts(cmd: list[str], hidden: Sequence[Path]) -> list[str]:
+    """``cmd`` in a mount namespace of its own, with an empty private tmpfs over each folder."""
+    mounts = "".join(f"mount -t tmpfs -o size=1m se-ray-hidden {shlex.quote(str(d))}; " for d in hidden)
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f"set -e; {mounts}exec {shlex.join(cmd)}",
+    ]
+
+
+class TwoNodeCluster:
+    """A head (with the job server) and one worker node, as child processes of this test.
+
+    ``env``: extra environment of both nodes; ``head_env``/``worker_env``: of one node (e.g. a
+    ``NodeHome``'s); ``hide_from_worker``: folders the worker node must not see.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        head_cpus: int = 2,
+        worker_cpus: int = 1,
+        env: dict[str, str] | None = None,
+        head_env: dict[str, str] | None = None,
+        worker_env: dict[str, str] | None = None,
+        hide_from_worker: Sequence[Path] = (),
+    ):
         self.workdir = workdir
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
+        self.head_env, self.worker_env = dict(head_env or {}), dict(worker_env or {})
+        self.hide_from_worker = list(hide_from_worker)
         workdir.mkdir(parents=True, exist_ok=True)
         self.temp_dir = Path("/tmp") / f"semn-{os.getpid()}"  # Ray's socket paths must stay short
         self.gcs_port, self.dashboard_port, self.client_port = _free_ports(3)
@@ -69,6 +133,7 @@ class TwoNodeCluster:
         self.procs: list[subprocess.Popen] = []
         self._logs: list = []
         venv_bin = str(Path(RAY_BIN).parent)
+        extra_env = dict(env or {})
         env = {
             k: v
             for k, v in os.environ.items()
@@ -83,19 +148,24 @@ class TwoNodeCluster:
             # the job's entrypoint `se-ray` is looked up on the nodes' PATH
             PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         )
-        self.env = env
+        self.env = {**env, **extra_env}
 
     @property
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _start(
+        self, name: str, args: list[str], env: dict[str, str], hidden: Sequence[Path] = ()
+    ) -> subprocess.Popen:
         log = (self.workdir / f"{name}.log").open("w")
         self._logs.append(log)
+        cmd = [RAY_BIN, "start", "--block", "--num-gpus=0", "--disable-usage-stats",
+               "--object-store-memory=100000000", *_node_ports(), *args]  # fmt: skip
+        if hidden:
+            cmd = _in_private_mounts(cmd, hidden)  # unshare and sh exec: the pid stays ray's
         proc = subprocess.Popen(
-            [RAY_BIN, "start", "--block", "--num-gpus=0", "--disable-usage-stats",
-             "--object-store-memory=100000000", *_node_ports(), *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            cmd,
+            env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a last-resort kill reaches only it
         )  # fmt: skip
         self.procs.append(proc)
@@ -108,12 +178,15 @@ class TwoNodeCluster:
              f"--num-cpus={self.head_cpus}", '--resources={"head": 1}', f"--temp-dir={self.temp_dir}",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={self.dashboard_port}"],
+            self.head_env,
         )  # fmt: skip
         self._wait(lambda: self.api("/api/version") is not None, "the head's dashboard")
         self._start(
             "worker",
             [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={self.worker_cpus}",
              '--resources={"worker_node": 1}'],
+            self.worker_env,
+            self.hide_from_worker,
         )  # fmt: skip
         self._wait(lambda: len(self.alive_nodes()) == 2, "the worker node to join")
 
@@ -180,14 +253,16 @@ class TwoNodeCluster:
 
 
 @contextlib.contextmanager
-def two_node_cluster(workdir: Path, head_cpus: int = 2, worker_cpus: int = 1) -> Iterator[TwoNodeCluster]:
-    """A started two-node cluster, stopped on exit.
+def two_node_cluster(
+    workdir: Path, head_cpus: int = 2, worker_cpus: int = 1, **options: Any
+) -> Iterator[TwoNodeCluster]:
+    """A started two-node cluster, stopped on exit (``options``: ``TwoNodeCluster``'s).
 
     `ray start` gives its raylet a fixed 30 s to register with the GCS; on a loaded 2-core
     machine that can run out, so a failed start is retried once on fresh ports.
     """
     for attempt in (1, 2):
-        c = TwoNodeCluster(workdir / f"cluster{attempt}", head_cpus, worker_cpus)
+        c = TwoNodeCluster(workdir / f"cluster{attempt}", head_cpus, worker_cpus, **options)
         try:
             c.start()
         except (RuntimeError, TimeoutError) as e:

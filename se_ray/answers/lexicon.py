@@ -1,4 +1,4 @@
-"""Word lists the answer analysis reads: stopwords and filler, abstention phrasings, aliases,
+"""Word lists the answer analysis reads: stopwords and filler, aliases,
 number words, and the nouns, directions and units that shape an answer's candidate.
 
 All entries are lowercase, accent-free and apostrophe-free, as ``se_ray.answers.tokens`` leaves
@@ -29,28 +29,6 @@ STOPWORDS = words(
 )
 # Extra phrasing hedges that do not change which answer is given.
 FILLER = words("city town capital country state nation place area region")
-
-ABSTENTION_PATTERNS = (
-    ("i", "dont", "know"),
-    ("i", "do", "not", "know"),
-    ("i", "am", "not", "sure"),
-    ("im", "not", "sure"),
-    ("not", "sure"),
-    ("no", "idea"),
-    ("i", "cannot", "answer"),
-    ("i", "cant", "answer"),
-    ("i", "cannot", "say"),
-    ("i", "cant", "say"),
-    ("i", "am", "unable"),
-    ("im", "unable"),
-    ("unknown",),
-    ("no", "information"),
-    ("not", "enough", "information"),
-    ("does", "not", "exist"),
-    ("doesnt", "exist"),
-    ("there", "is", "no"),
-    ("there", "isnt"),
-)
 
 # Multi-word aliases folded to one token; longest match first.
 ALIASES: dict[tuple[str, ...], str] = {

@@ -17,8 +17,8 @@ without capitalised words ("paris") offers its first phrase of content words.
 
 ``implication(question, premise, hypothesis)`` decides, in this order:
 
-1. abstentions ("I don't know", with no candidate beside it): two abstentions entail each
-   other; an abstention and an answer are NEUTRAL both ways;
+1. abstentions (``se_ray.abstention.is_abstention``, the rule evaluation uses too): two
+   abstentions entail each other; an abstention and an answer are NEUTRAL both ways;
 2. a hypothesis with an empty residual (an echo of the question) is entailed by anything;
    an empty premise entails nothing else;
 3. numbers in the heads: when each side states a number the other does not, CONTRADICTION;
@@ -41,8 +41,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from se_ray.abstention import ABSTENTION_PHRASES, NONEXISTENCE_PHRASES, is_abstention
 from se_ray.answers.lexicon import (
-    ABSTENTION_PATTERNS,
     ADJECTIVE_ENDINGS,
     CONNECTORS,
     DIRECTIONS,
@@ -62,12 +62,12 @@ __all__ = [
     "equivalent",
     "head",
     "implication",
-    "is_abstention",
     "numbers",
     "residual",
 ]
 
 Similarity = Callable[[str, str], float]
+HEDGE_PHRASES = ABSTENTION_PHRASES + NONEXISTENCE_PHRASES
 
 _NUMERIC_QUESTION = re.compile(
     r"\b(how (many|much|long|old|far|tall|big|high|large|deep|often|fast|heavy)|when|what year|which year|"
@@ -180,8 +180,10 @@ def analyse(question: str, answer: str) -> Residual:
     q_words, q_numbers, numeric = _question(question)
     toks = tokenize(answer)
     texts = [t.text for t in toks]
-    abstains = any(contains(texts, p) for p in ABSTENTION_PATTERNS)
-    hedge = {w for p in ABSTENTION_PATTERNS for w in p} if abstains else set()
+    # Whether it abstains is the one rule's call; the hedge's words are never content.
+    abstains = is_abstention(answer)
+    hedging = any(contains(texts, p) for p in HEDGE_PHRASES)
+    hedge = {w for p in HEDGE_PHRASES for w in p} if hedging else set()
 
     def content(k: int) -> str | None:
         t = toks[k]
@@ -202,9 +204,7 @@ def analyse(question: str, answer: str) -> Residual:
             break
     if not head_:
         head_ = _first_phrase(toks, contents)
-    # An abstention that still commits to a candidate ("I don't know exactly, but it was 1066")
-    # is an answer.
-    return Residual(tokens=tuple(kept), head=head_, abstains=abstains and not kept)
+    return Residual(tokens=tuple(kept), head=head_, abstains=abstains)
 
 
 def residual(question: str, answer: str) -> str:
@@ -222,10 +222,6 @@ def head(question: str, answer: str) -> str:
 def numbers(text: str) -> list[str]:
     """Numbers stated in ``text`` as canonical decimals: "-40", "3.5", "1500000", "25"."""
     return [t.text for t in tokenize(text) if t.number]
-
-
-def is_abstention(question: str, answer: str) -> bool:
-    return analyse(question, answer).abstains
 
 
 # ---------------------------------------------------------------------------- judgement

@@ -29,6 +29,7 @@ from se_ray.config import JobConfig
 from se_ray.engine import Engines
 from se_ray.evaluate import AnswerFlags
 from se_ray.report import METHOD_LABELS, MethodData
+from se_ray.run.dial import report_fields
 from se_ray.run.plan import (
     R_TUNING,
     SPLITS,
@@ -48,6 +49,7 @@ from se_ray.run.results import (
     BOUNDARY_SPLIT,
     REPORT_DATA_FILE,
     RunOutcome,
+    agreement,
     band_table,
     publish_report,
     report_data,
@@ -70,7 +72,7 @@ from se_ray.run.stages import (
     run_labels,
     split_stage,
 )
-from se_ray.run.trials import TrialResult, run_trials, selection_note
+from se_ray.run.trials import TrialResult, export_chosen_models, run_trials, selection_note
 from se_ray.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -164,8 +166,20 @@ class _Run:
             note = selection_note(METHOD_LABELS[method], trial.train) if trial else None
             if note:
                 self.notes.append(note)
+        merged = export_chosen_models(  # train.export_merged: once per chosen model, not per trial
+            self.cfg,
+            self.engines,
+            [
+                self.spec(d, self.seeds[0])
+                for d in dict.fromkeys(c.digest for c in chosen.values() if c.digest)
+            ],
+        )
         self.folders.sweep.write_json(
-            "selection.json", {m: {"tau": c.tau, "digest": c.digest, "aed": c.aed} for m, c in chosen.items()}
+            "selection.json",
+            {
+                m: {"tau": c.tau, "digest": c.digest, "aed": c.aed, "merged": merged.get(c.trial)}
+                for m, c in chosen.items()
+            },
         )
         return points, chosen
 
@@ -259,6 +273,7 @@ class _Run:
             self.notes,
             bands=band_table(self.splits[BOUNDARY_SPLIT], self.boundary_flags),
             retention=retention(self.boundary_flags),
+            agreement=agreement(self.boundary_flags),
             judge_audit=self.judge_audit,
             score_diagnostics=label_summary.get("score_diagnostics"),
         )
@@ -281,7 +296,9 @@ def run_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
         f"τ is chosen on the validation split; the adaptation plot shows every τ's model on the "
         f"{split_title(outcome.adaptation_split)}."
     )
+    dial = report_fields(run, outcome.methods)  # the certified dial, the teacher's row (eval.scores)
     data = report_data(cfg, outcome)
+    data.update(dial)
     root.write_json(REPORT_DATA_FILE, data)
     paths = publish_report(data, root)
     summary = run_summary(root, paths, run.log, data, time.perf_counter() - started)

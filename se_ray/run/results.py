@@ -15,13 +15,17 @@ from se_ray import columns as col
 from se_ray import metrics
 from se_ray.config import JobConfig, TrainConfig
 from se_ray.evaluate import AnswerFlags
-from se_ray.report import SPLIT_TITLES, MethodData, ReportData, render_report
+from se_ray.report import METHOD_LABELS, MethodData, ReportData, render_report
+from se_ray.report import split_title as report_split_title
 from se_ray.run.plan import SPLITS, UNTUNED, SweepPoint
 from se_ray.run.stages import StageLog
 from se_ray.storage import Store, is_uri, write_bytes_atomic
 from se_ray.train.selection import SELECT_LAST
 
 REPORT_DATA_FILE = "report_data.json"
+RANDOM_AT_RATE = "random_at_rate"  # the random abstainer at the SE-tuned model's rate
+RATE_OF = "semantic_entropy"  # whose abstention rate the random abstainer takes
+TEACHER = "teacher"  # semantic entropy at inference: the reference the tuned models are compared with
 BAND = "band"  # optional question field: its popularity band, e.g. "q1 (most popular)"
 BOUNDARY_SPLIT = "test"  # the split the knowledge boundary and the judge audit show
 
@@ -37,6 +41,7 @@ class RunOutcome:
     train_entropies: list[float]
     notes: list[str]
     bands: list[dict[str, Any]] = field(default_factory=list)  # band_table on the test split
+    agreement: dict[str, dict[str, Any]] = field(default_factory=dict)  # vs the teacher, on the test split
     retention: dict[str, dict[str, int]] = field(default_factory=dict)  # on the test split
     judge_audit: dict[str, Any] | None = None  # the untuned model's on the test split
     score_diagnostics: dict[str, Any] | None = None  # the label stage's
@@ -94,6 +99,76 @@ def with_oracle(methods: list[MethodData]) -> tuple[list[MethodData], dict[str, 
         }
         out.append({**m, "splits": splits})
     return out, oracle
+
+
+def random_at_rate_scores(untuned: Mapping[str, Any], tuned: Mapping[str, Any]) -> dict[str, Any]:
+    """One split's random abstainer: the untuned model's answers (its counts) with as many
+    abstentions, drawn at random, as the tuned model's mean; expected counts and AED (exact)."""
+    n = int(untuned["num_questions"])
+    rate = min(1.0, max(0.0, tuned["abstained_mean"] / n))
+    correct, incorrect = round(untuned["correct_mean"]), round(untuned["incorrect_mean"])
+    r = metrics.random_abstainer_counts(n, correct, incorrect, rate)
+    d = r.to_dict()
+    return {
+        "num_questions": n,
+        **{f"{k}_mean": d[k] for k in ("aed", "accuracy", "engagement", "correct", "incorrect", "abstained")},
+        "rate": rate,
+        "aed_of_expected_counts": r.aed_of_expected_counts,
+    }
+
+
+def with_random_abstainer(methods: list[MethodData]) -> list[MethodData]:
+    """The methods with the random abstainer at the SE-tuned model's rate right after it, on every
+    split both it and the untuned model were evaluated on (unchanged when either is missing)."""
+    untuned = next((m for m in methods if m["method"] == UNTUNED), None)
+    tuned = next((m for m in methods if m["method"] == RATE_OF), None)
+    if untuned is None or tuned is None:
+        return methods
+    splits = {
+        split: random_at_rate_scores(untuned["splits"][split], s)
+        for split, s in tuned["splits"].items()
+        if split in untuned["splits"]
+    }
+    entry: MethodData = {
+        "method": RANDOM_AT_RATE,
+        "label": METHOD_LABELS[RANDOM_AT_RATE],
+        "chosen_tau": None,
+        "seeds": tuned["seeds"],
+        "splits": splits,
+    }
+    at = methods.index(tuned) + 1
+    return [*methods[:at], entry, *methods[at:]]
+
+
+def agreement(flags: Mapping[str, AnswerFlags], reference: str = TEACHER) -> dict[str, dict[str, Any]]:
+    """Per method (not the untuned model nor ``reference``): how its abstentions agree with the
+    reference's, question by question (every question both answered, unanswerable ones too):
+    Cohen's kappa and the 2x2 counts. {} when the reference was not evaluated."""
+    ref = flags.get(reference)
+    if ref is None:
+        return {}
+    ref_abstained = dict(zip(ref.ids, ref.abstained, strict=True))
+    out = {}
+    for method, f in flags.items():
+        if method in (UNTUNED, reference):
+            continue
+        pairs = [
+            (bool(a), bool(ref_abstained[i]))
+            for i, a in zip(f.ids, f.abstained, strict=True)
+            if i in ref_abstained
+        ]
+        if not pairs:
+            continue
+        out[method] = {
+            "reference": reference,
+            "n": len(pairs),
+            "kappa": metrics.cohens_kappa([a for a, _ in pairs], [b for _, b in pairs]),
+            "both_abstained": sum(a and b for a, b in pairs),
+            "only_method_abstained": sum(a and not b for a, b in pairs),
+            "only_reference_abstained": sum(b and not a for a, b in pairs),
+            "neither_abstained": sum(not a and not b for a, b in pairs),
+        }
+    return out
 
 
 def _band_order(band: str) -> list[Any]:
@@ -175,7 +250,8 @@ def _setup(cfg: JobConfig, split_sizes: dict[str, int]) -> dict[str, Any]:
         if cfg.entailment.judge == "residual"  # model-free
         else f"{cfg.entailment.judge} ({cfg.entailment.model or cfg.sampling.model})",
         "judge": judge_label(cfg),
-        "split (train / validation / test / OOD)": " / ".join(str(split_sizes[s]) for s in SPLITS),
+        "split (train / validation / test / OOD)": " / ".join(str(split_sizes.get(s, 0)) for s in SPLITS),
+        **{f"OOD set {s.removeprefix('ood_')}": split_sizes[s] for s in split_sizes if s.startswith("ood_")},
         "τ grid": ", ".join(f"{tau:g}" for tau in cfg.sweep.taus),
         "seeds": cfg.sweep.seeds,
         "training": f"{t.method}, {t.epochs} epochs, lr {t.learning_rate:g}, "
@@ -194,7 +270,7 @@ def _selection_setup(t: TrainConfig) -> str:
 
 
 def report_data(cfg: JobConfig, outcome: RunOutcome) -> ReportData:
-    methods, oracle = with_oracle(outcome.methods)
+    methods, oracle = with_oracle(with_random_abstainer(outcome.methods))
     data: ReportData = {
         "title": "se-ray run: abstention fine-tuning with semantic entropy",
         "setup": _setup(cfg, outcome.split_sizes),
@@ -209,17 +285,19 @@ def report_data(cfg: JobConfig, outcome: RunOutcome) -> ReportData:
         "judge_audit": outcome.judge_audit,
         "score_diagnostics": outcome.score_diagnostics,
     }
-    if outcome.bands or outcome.retention:
+    if outcome.bands or outcome.retention or outcome.agreement:
         data["knowledge_boundary"] = {
             "split": BOUNDARY_SPLIT,
             "bands": outcome.bands,
             "retention": outcome.retention,
         }
+        if outcome.agreement:
+            data["knowledge_boundary"]["agreement"] = outcome.agreement
     return data
 
 
 def split_title(split: str) -> str:
-    return SPLIT_TITLES.get(split, split)
+    return report_split_title(split)
 
 
 def publish_report(data: ReportData, out: Store) -> dict[str, str]:
@@ -251,7 +329,7 @@ def run_summary(
 ) -> dict[str, Any]:
     """``summary.json``: where the report is, what each stage did, each method's AED per split (and
     the share of the oracle gap it closes, its abstention on unanswerable questions), the oracle's
-    AED per split and the labeller diagnostics."""
+    and the random abstainer's (at SE's rate, expected) AED per split and the labeller diagnostics."""
     return {
         "output": out.location,
         "report": paths.get("report"),
@@ -264,8 +342,15 @@ def run_summary(
                 **{f"{s}_{k}": v[k] for s, v in m["splits"].items() for k in SUMMARY_SPLIT_KEYS if k in v},
             }
             for m in data.get("methods") or []
+            if m["method"] != RANDOM_AT_RATE
         },
         "oracle": {s: o["aed"] for s, o in (data.get("oracle") or {}).items()},
+        RANDOM_AT_RATE: {
+            s: v["aed_mean"]
+            for m in data.get("methods") or []
+            if m["method"] == RANDOM_AT_RATE
+            for s, v in m["splits"].items()
+        },
         "score_diagnostics": data.get("score_diagnostics"),
         "wall_s": round(wall_s, 2),
     }

@@ -8,7 +8,7 @@ changed section reruns only what depends on it.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,13 +17,15 @@ from typing import Any
 import pyarrow as pa
 
 from se_ray import columns as col
-from se_ray.config import ConfigError, DataConfig, JobConfig, SamplingConfig, StorageConfig, results_key
+from se_ray.config import ConfigError, DataConfig, JobConfig, SamplingConfig, results_key
 from se_ray.engine import Engines, engine_digest
 from se_ray.evaluate import AnswerFlags, evaluate_rows, lora_engine_config, resolve_eval_model
 from se_ray.judges.correctness import Judge, build_judge
 from se_ray.label import LABELS_DIR, label_job, read_labels
+from se_ray.lease import OutputError
 from se_ray.run.plan import SPLITS, config_key, eval_key, split_rows
-from se_ray.storage import Store, is_uri
+from se_ray.scoring import Scorer
+from se_ray.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +35,41 @@ JUDGED = "standard_correct"  # R-Tuning: the eval judge's verdict on each standa
 FLAGS = "flags"  # an evaluation's per-question flags, kept in its stage summary
 
 
+class StageStateError(OutputError):
+    """A stage's ``_stage.json`` is there but is no stage record: the stage is not absent, so
+    nothing is rerun or deleted until a person looks (one line)."""
+
+
 class Stage:
-    """``_stage.json`` in a stage's folder: ``{"key", "done", "summary"}``."""
+    """``_stage.json`` in a stage's folder: ``{"key", "done", "summary"}``.
+
+    Only a missing file means "no state"; any other storage error (permission, throttling)
+    propagates, and a file that does not parse raises ``StageStateError``: neither ever leads
+    ``begin()`` to clear the folder."""
 
     def __init__(self, store: Store, key: str):
         self.store, self.key = store, key
 
     def _state(self) -> dict[str, Any] | None:
-        try:
-            return self.store.read_json(STAGE_FILE)
-        except (OSError, ValueError):
+        if not self.store.exists(STAGE_FILE):
             return None
+        try:
+            text = self.store.read_text(STAGE_FILE)
+        except FileNotFoundError:  # removed since: absent
+            return None
+        try:
+            state = json.loads(text)
+        except ValueError as e:
+            raise self._unreadable(f"does not parse as JSON ({e})") from None
+        if not isinstance(state, dict):
+            raise self._unreadable(f"holds a JSON {type(state).__name__}, not a stage record")
+        return state
+
+    def _unreadable(self, why: str) -> StageStateError:
+        return StageStateError(
+            f"stage state {self.store.uri(STAGE_FILE)} {why}; nothing was deleted: "
+            "fix or remove that file to rerun the stage"
+        )
 
     def cached(self) -> dict[str, Any] | None:
         state = self._state()
@@ -119,8 +145,8 @@ class Splits:
 
     @property
     def evaluated(self) -> list[str]:
-        """The splits the final evaluation scores."""
-        return [s for s in ("test", "ood") if self.rows[s]]
+        """The splits the final evaluation scores: test, then every OOD set (``ood``, ``ood_<name>``)."""
+        return [s for s, rows in self.rows.items() if rows and (s in ("test", "ood") or s.startswith("ood_"))]
 
     @property
     def adaptation(self) -> str:
@@ -151,12 +177,12 @@ def _split_questions(
         require_questions(loaded, store.uri("rejects.jsonl"))
     parts = split_rows(loaded.rows, cfg.split)
     rejects = list(loaded.rejects)
-    if cfg.split.ood_input:
-        ood = load_questions(cfg.split.ood_input, DataConfig(limit=cfg.split.ood_limit), cfg.storage)
-        parts["ood"], no_refs = split_references(ood.rows, cfg.split.ood_input)
+    for name, path in cfg.split.ood_splits.items():
+        ood = load_questions(path, DataConfig(limit=cfg.split.ood_limit), cfg.storage)
+        parts[name], no_refs = split_references(ood.rows, path)
         rejects += ood.rejects + no_refs
-        if not parts["ood"]:
-            raise ConfigError(f"split.ood_input={cfg.split.ood_input}: no questions with references")
+        if not parts[name]:
+            raise ConfigError(f"OOD set {name} ({path}): no questions with references")
     return parts, rejects
 
 
@@ -174,7 +200,8 @@ def split_stage(cfg: JobConfig, input: str, folders: RunFolders, log: StageLog) 
         log.split = "ran"
     else:
         log.split = "reused"
-    splits = Splits({name: store.read_jsonl(f"{name}.jsonl") for name in SPLITS}, key)
+    names = dict.fromkeys([*SPLITS, *cfg.split.ood_splits])
+    splits = Splits({name: store.read_jsonl(f"{name}.jsonl") for name in names}, key)
     logger.info("split: %s", ", ".join(f"{k} {len(v)}" for k, v in splits.rows.items()))
     return splits
 
@@ -234,27 +261,6 @@ def r_tuning_stage(
     return read_judged(folders)
 
 
-def local_folder(model: str, storage: StorageConfig) -> str:
-    """A local path vLLM can read: the folder itself, or a cached copy of a URI folder."""
-    if not is_uri(model):
-        return model
-    import pyarrow.fs as pafs
-
-    from se_ray.models import cache_dir
-
-    remote = Store(model, storage)
-    local = cache_dir() / "remote" / hashlib.sha1(model.encode()).hexdigest()[:16]
-    if not (local / "adapter_config.json").exists() and not (local / "config.json").exists():
-        local.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(
-            remote.path,
-            str(local),
-            source_filesystem=remote.fs,
-            destination_filesystem=pafs.LocalFileSystem(),
-        )
-    return str(local)
-
-
 @dataclass(frozen=True)
 class Evaluation:
     """One model on one split: its scores, its per-question flags, and whether it ran just now."""
@@ -283,7 +289,7 @@ def evaluate_model(
 ) -> Evaluation:
     """One model on one split, as a cached stage. ``model``: None (the base model, served by the
     run's LoRA engine), a LoRA adapter folder (same engine) or a merged model folder (its own
-    engine, stopped afterwards)."""
+    engine, stopped afterwards), as a path on a shared filesystem or a storage URI."""
     cached = cached_evaluation(out, key)
     if cached is not None:
         return cached
@@ -292,7 +298,7 @@ def evaluate_model(
     if model is None:
         engine_cfg, adapter, kind = engines.generation_cfg, None, "base"
     else:
-        target = resolve_eval_model(cfg, local_folder(model, cfg.storage))
+        target = resolve_eval_model(cfg, model)  # a URI stays one: the engine's node copies it
         engine_cfg, adapter, kind = target.engine, target.adapter, target.kind
     summary, flags = evaluate_rows(
         cfg,
@@ -302,6 +308,7 @@ def evaluate_model(
         out,
         adapter=adapter,
         info={"model": model or cfg.sampling.model, "model_kind": kind, **info},
+        scorer=Scorer(cfg, engines.entailment_judge_pool()) if cfg.eval.scores else None,
     )
     if kind == "model":
         engines.release_one(engine_cfg)  # a merged model's own engine: not needed again

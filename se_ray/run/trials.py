@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import posixpath
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from se_ray import columns as col
-from se_ray.config import JobConfig
+from se_ray.config import JobConfig, TrainConfig
 from se_ray.engine import Engines
 from se_ray.labeling import partition_digest, relabel
+from se_ray.lease import LeaseClaim, adopted, check_leases, held_claims
 from se_ray.run.plan import R_TUNING, Rule, TrialSpec, config_key
 from se_ray.run.stages import (
     RunFolders,
@@ -25,11 +28,13 @@ from se_ray.run.stages import (
     read_judged,
     run_labels,
 )
-from se_ray.storage import is_uri
+from se_ray.storage import before_commit, is_uri
+from se_ray.train.export import ADAPTER_DIR
 
 logger = logging.getLogger(__name__)
 
 TRAIN_SUMMARY_FILE = "train_summary.json"
+MERGED_EXPORT_FILE = "merged_export.json"  # a chosen LoRA trial's merged/ is complete
 # What a trial's training set keeps of the labels: what training reads (question, context,
 # target) and what says how it was labelled.
 TRIAL_LABEL_COLUMNS = (col.ID, col.QUESTION, col.CONTEXT, col.TARGET, col.ABSTAIN, col.TAU, col.LABEL_METHOD)
@@ -91,12 +96,39 @@ def _trained_model(train_summary: dict[str, Any]) -> str:
     return model
 
 
+def trial_train_config(cfg: JobConfig, seed: int) -> TrainConfig:
+    """A trial's training settings: its seed, and no merged/ for LoRA (validation serves the
+    adapter; the chosen model's merged/ is exported once, by ``export_chosen_models``)."""
+    return cfg.train.model_copy(update={"seed": seed, "export_merged": cfg.train.method == "full"})
+
+
+def export_chosen_models(cfg: JobConfig, engines: Engines, chosen: list[TrialSpec]) -> dict[str, str]:
+    """``train.export_merged`` of a LoRA run: merged/ of each chosen trial, exported once (trial
+    name -> its URI), by a Ray task with a training worker's resources. Reused when already there."""
+    if cfg.train.method != "lora" or not cfg.train.export_merged or not chosen:
+        return {}
+    from se_ray.train.export import MERGED_DIR, merge_on_training_resources
+
+    if cfg.train.use_gpu:
+        engines.release()  # the merge task asks for a training worker's GPU, which the engines may hold
+    merged = {}
+    for spec in chosen:
+        done = spec.store.read_json(MERGED_EXPORT_FILE)
+        if done is None:
+            before_commit()
+            merge_on_training_resources(cfg, spec.store.uri("train"), ADAPTER_DIR, MERGED_DIR)
+            done = {"merged": posixpath.join(spec.store.uri("train"), MERGED_DIR)}
+            spec.store.write_json(MERGED_EXPORT_FILE, done)
+        merged[spec.name] = done["merged"]
+    return merged
+
+
 def _train(cfg: JobConfig, spec: TrialSpec, validation: list[dict[str, Any]]) -> dict[str, Any]:
     from se_ray.train import train_job
 
     summary = spec.store.read_json(TRAIN_SUMMARY_FILE)
     if summary is None:
-        trial_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": spec.seed})})
+        trial_cfg = cfg.model_copy(update={"train": trial_train_config(cfg, spec.seed)})
         summary = train_job(
             trial_cfg,
             labels=spec.store.uri("labels"),
@@ -148,14 +180,20 @@ def run_trial(cfg: JobConfig, spec: TrialSpec, folders: RunFolders) -> TrialResu
 
 
 def _tune_trial(
-    config: dict[str, Any], job: dict[str, Any], specs: dict[str, TrialSpec], folders: RunFolders
+    config: dict[str, Any],
+    job: dict[str, Any],
+    specs: dict[str, TrialSpec],
+    folders: RunFolders,
+    leases: Sequence[LeaseClaim] = (),
 ) -> None:
-    """The Ray Tune function trainable: one trial, its validation scores reported to Tune."""
+    """The Ray Tune function trainable: one trial, its validation scores reported to Tune.
+    Its commits check the driver's ``leases`` first, as the driver's own do."""
     from ray import tune
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run_trial(JobConfig.model_validate(job), specs[config["trial"]], folders)
+    with adopted(leases):
+        result = run_trial(JobConfig.model_validate(job), specs[config["trial"]], folders)
     tune.report({k: result.validation[k] for k in TUNE_METRICS})
 
 
@@ -165,14 +203,20 @@ def run_tune(cfg: JobConfig, specs: list[TrialSpec], folders: RunFolders, name: 
 
     root = folders.tune
     stale = root.child(name)
+    before_commit()  # Tune writes its own state here: a run that lost its lease starts no grid
     if stale.exists():  # reuse is through the trial folders' markers, not Tune's restore
         stale.fs.delete_dir(stale.path)
     root.makedirs()
     trainable = tune.with_parameters(
-        _tune_trial, job=cfg.model_dump(mode="json"), specs={s.name: s for s in specs}, folders=folders
+        _tune_trial,
+        job=cfg.model_dump(mode="json"),
+        specs={s.name: s for s in specs},
+        folders=folders,
+        leases=held_claims(),
     )
-    # The trial function only launches the trainer and waits. Tune refuses an empty resource
-    # request, so "no CPU" is a request for one byte of memory.
+    # The trial function launches the trainer, waits, then validates through the engines. With a
+    # CPU it cannot land on a head that offers no CPUs for work (num_cpus=0). Tune refuses an
+    # empty resource request, so "no CPU" is a request for one byte of memory.
     resources = {"cpu": cfg.sweep.trial_num_cpus} if cfg.sweep.trial_num_cpus > 0 else {"memory": 1}
     remote = is_uri(root.location)
     tuner = tune.Tuner(
@@ -189,6 +233,7 @@ def run_tune(cfg: JobConfig, specs: list[TrialSpec], folders: RunFolders, name: 
     with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: stdout is the CLI's JSON summary
         grid = tuner.fit()
     if grid.errors:
+        check_leases()  # a trial that stopped on a lost lease: that is the error to report
         raise RuntimeError(
             f"{len(grid.errors)} of {len(specs)} Tune trials ({name}) failed; first: {grid.errors[0]}"
         )

@@ -155,6 +155,8 @@ def add_entropy_stage(ds, cfg: EntailmentConfig, engines: EnginePool | None = No
     resources: dict[str, Any] = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:
         resources["num_gpus"] = cfg.num_gpus
+    if cfg.accelerator_type:
+        resources["accelerator_type"] = cfg.accelerator_type
     return ds.map_batches(
         EntropyStage,
         fn_constructor_kwargs={"cfg": cfg, "engines": engines},

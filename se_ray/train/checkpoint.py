@@ -2,8 +2,10 @@
 
 Each checkpoint holds every rank's DeepSpeed shard (``deepspeed/``) and, from rank 0, ``se_ray/``:
 ``state.json`` (step, epoch, micro-batches done), ``metrics.jsonl`` (every step so far) and
-``export/`` (the trained weights as safetensors; with ``train.select_checkpoint: label_rate``, those
-of the step selected so far, kept also as ``selected.safetensors`` for a resume). The metrics ride
+``export/`` (the last checkpoint only, with ``train.select_checkpoint: last``: the trained weights as
+safetensors). With ``label_rate`` the weights of a selected step are written once, when its probe
+selects it, to ``OUTPUT/ray_train/selected/step<N>/`` (``selected_dir``); a checkpoint names the step
+it selected, and no checkpoint holds a second copy of the weights. The metrics ride
 inside the checkpoint because under Ray Train V2 ``Result.metrics`` may be None and, on a
 multi-node cluster, a worker's local file need not be visible to the driver; the checkpoint goes
 through Ray Train's own storage layer.
@@ -27,7 +29,13 @@ STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 EXPORT_DIR = "export"
 FULL_WEIGHTS_FILE = "model.safetensors"
-SELECTED_FILE = "selected.safetensors"  # train.select_checkpoint=label_rate: the weights to export
+SELECTED_FILE = "selected.safetensors"  # older checkpoints' copy of the selected weights (read on resume)
+SELECTED_DIR = "selected"  # under OUTPUT/ray_train: the weights of each selected step, written once
+
+
+def selected_dir(storage_path: str, step: int) -> str:
+    """Where the weights of selected step ``step`` live (``storage_path``: OUTPUT/ray_train)."""
+    return posixpath.join(storage_path, SELECTED_DIR, f"step{step}")
 
 
 def write_meta(meta: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -41,6 +49,15 @@ def read_meta(meta: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(state, metrics history) of a checkpoint's ``se_ray/`` folder."""
     state = json.loads((meta / STATE_FILE).read_text())
     lines = (meta / METRICS_FILE).read_text().splitlines()
+    return state, [json.loads(line) for line in lines if line.strip()]
+
+
+def read_meta_from(fs: Any, meta: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``read_meta`` of a checkpoint's ``se_ray/`` folder in storage, reading nothing else."""
+    from se_ray.storage import read_text
+
+    state = json.loads(read_text(fs, posixpath.join(meta, STATE_FILE)))
+    lines = read_text(fs, posixpath.join(meta, METRICS_FILE)).splitlines()
     return state, [json.loads(line) for line in lines if line.strip()]
 
 

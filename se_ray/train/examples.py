@@ -24,29 +24,42 @@ def tokenize_example(
 ) -> dict[str, list[int]]:
     """One SFT example: the sampling prompt, then the target and EOS; loss on the target only.
 
-    The prompt is ``render_prompt``, the one sampling and evaluation use, and prompt and target
-    are tokenised apart, so that the target tokens are exactly the ones the model would generate
-    after the prompt. Over ``max_length`` the prompt is cut from the left (its end, the assistant
-    header, must stay) and the target keeps at least half of the budget.
+    The prompt ids are ``question_prompt_ids``, the very ids sampling and evaluation send to
+    vLLM (one BOS where the model has one), and the target is tokenised apart, so that the target
+    tokens are exactly the ones the model would generate after the prompt. Over ``max_length``
+    the prompt is cut from the left (its end, the assistant header, must stay; so does a leading
+    BOS, ``prompt_end``) and the target keeps at least half of the budget.
     """
-    from se_ray.prompts import render_prompt
+    from se_ray.prompts import question_prompt_ids
 
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token: cannot end the target")
-    prompt_ids = list(
-        tokenizer(render_prompt(tokenizer, question, style, context), add_special_tokens=False)["input_ids"]
-    )
+    prompt_ids = question_prompt_ids(tokenizer, question, style, context)
     target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
     if len(prompt_ids) + len(target_ids) > max_length:
         keep_prompt = min(len(prompt_ids), max(max_length - len(target_ids), max_length // 2))
         target_ids = target_ids[: max_length - keep_prompt]
-        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :] if keep_prompt else []
+        prompt_ids = prompt_end(prompt_ids, keep_prompt, tokenizer.bos_token_id)
     input_ids = prompt_ids + target_ids
     return {
         "input_ids": input_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
         "attention_mask": [1] * len(input_ids),
     }
+
+
+def prompt_end(prompt_ids: Sequence[int], keep: int, bos_id: int | None) -> list[int]:
+    """The last ``keep`` prompt ids, except that a sequence-start BOS (first, and nowhere else in
+    the prompt, as Llama-3's ``<|begin_of_text|>``) stays first: a model trained after a BOS never
+    sees a prompt without one. SmolLM2's "BOS" opens every turn and is cut like any other id."""
+    ids = list(prompt_ids)
+    if keep >= len(ids):
+        return ids
+    if keep <= 0:
+        return []
+    if bos_id is not None and ids[0] == bos_id and ids.count(bos_id) == 1:
+        return [bos_id] + ids[len(ids) - keep + 1 :]
+    return ids[len(ids) - keep :]
 
 
 def pad_batch(examples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, Any]:

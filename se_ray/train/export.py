@@ -1,12 +1,19 @@
 """What a finished run leaves in OUTPUT: ``adapter/`` (peft ``save_pretrained``, loadable by vLLM as
 a ``LoRARequest``), ``merged/`` (safetensors, config and tokenizer in the base folder's dtype),
-``metrics.jsonl``, ``train_config.yaml`` and ``loss.png``. No pickles are ever exported."""
+``metrics.jsonl``, ``train_config.yaml`` and ``loss.png``. No pickles are ever exported.
+
+``merged/`` is written by one Ray task with a training worker's resources (its CPUs, its GPU and
+accelerator type), never by the driver: on a cluster the driver may sit on a CPU head that cannot
+hold the base model. The task loads the base in its own dtype on its device and adds the trained
+weights in (LoRA: the fp32 update is added with one rounding to the base dtype).
+"""
 
 from __future__ import annotations
 
 import json
 import posixpath
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,52 +21,103 @@ from se_ray.config import JobConfig, TrainConfig
 from se_ray.train.checkpoint import FULL_WEIGHTS_FILE
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
 
 
-def export_models(
-    cfg: JobConfig, trained: Path, tmp: Path, fs: Any, out_path: str, output: str
-) -> dict[str, str | None]:
-    """Publish the adapter (LoRA runs) and the merged model (``export_merged``); their OUTPUT paths."""
-    from se_ray.models import resolve_model
+def export_models(cfg: JobConfig, trained: str, tmp: Path, output: str) -> dict[str, str | None]:
+    """Publish the adapter (LoRA runs) and the merged model (``export_merged``); their OUTPUT paths.
+
+    ``trained``: the folder holding the trained weights, relative to ``output``.
+    """
+    from se_ray.storage import filesystem
 
     tcfg = cfg.train
+    fs, out_path = filesystem(output, cfg.storage)
     paths: dict[str, str | None] = {"adapter": None, "merged": None}
     if tcfg.method == "lora":
-        adapter = tmp / "adapter"
-        shutil.copytree(trained, adapter)
+        adapter = tmp / ADAPTER_DIR
+        download(fs, posixpath.join(out_path, trained), adapter)
         assert_no_pickles(adapter)
-        paths["adapter"] = posixpath.join(output, "adapter")
-        publish(adapter, fs, posixpath.join(out_path, "adapter"))
+        publish(adapter, fs, posixpath.join(out_path, ADAPTER_DIR))
+        paths["adapter"] = posixpath.join(output, ADAPTER_DIR)
+        trained = ADAPTER_DIR
     if tcfg.export_merged:
-        merged = tmp / "merged"
-        export_merged(tcfg, resolve_model(cfg.sampling.model), trained, merged)
-        assert_no_pickles(merged)
-        paths["merged"] = posixpath.join(output, "merged")
-        publish(merged, fs, posixpath.join(out_path, "merged"))
+        merge_on_training_resources(cfg, output, trained, MERGED_DIR)
+        paths["merged"] = posixpath.join(output, MERGED_DIR)
     return paths
+
+
+def training_task_options(cfg: TrainConfig) -> dict[str, Any]:
+    """Ray options of a task that needs what one training worker has (CPUs, GPU, accelerator type)."""
+    options: dict[str, Any] = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if cfg.use_gpu else 0}
+    if cfg.accelerator_type:
+        options["accelerator_type"] = cfg.accelerator_type
+    return options
+
+
+def merge_on_training_resources(cfg: JobConfig, output: str, trained: str, dest: str) -> None:
+    """Write ``output/dest`` (the merged model) from the weights in ``output/trained``, in a Ray task
+    with a training worker's resources; returns when it is published."""
+    import ray
+
+    from se_ray.lease import held_claims
+    from se_ray.runtime import ensure_ray
+
+    ensure_ray(cfg.ray)
+    task = ray.remote(_merge_task).options(**training_task_options(cfg.train), max_retries=0)
+    ray.get(task.remote(cfg.model_dump(mode="json"), output, trained, dest, held_claims()))
+
+
+def _merge_task(job: dict[str, Any], output: str, trained: str, dest: str, leases: list[Any]) -> None:
+    """Its publish checks the driver's ``leases`` first, as the driver's own commits do."""
+    import torch
+
+    from se_ray.lease import adopted
+    from se_ray.models import resolve_model
+    from se_ray.storage import filesystem
+
+    cfg = JobConfig.model_validate(job)
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    fs, out_path = filesystem(output, cfg.storage)
+    with tempfile.TemporaryDirectory(prefix="se-ray-merge-") as tmp_name:
+        tmp = Path(tmp_name)
+        download(fs, posixpath.join(out_path, trained), tmp / "trained")
+        base = resolve_model(cfg.sampling.model, cfg.storage)
+        export_merged(cfg.train, base, tmp / "trained", tmp / MERGED_DIR)
+        assert_no_pickles(tmp / MERGED_DIR)
+        with adopted(leases):
+            publish(tmp / MERGED_DIR, fs, posixpath.join(out_path, dest))
 
 
 def export_merged(cfg: TrainConfig, model_path: str, trained: Path, out: Path) -> None:
     """The base model with the trained weights merged in, saved in the base folder's dtype.
 
-    The weights are merged in fp32 and cast back only at the end, so the update is added at full
-    precision.
+    The base is loaded in its own dtype on the training device (bf16 on GPU where it is bf16).
+    LoRA: peft keeps the adapter in fp32 (``autocast_adapter_dtype``), so each weight's update is
+    computed in fp32 and rounded once into the base dtype.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
-    dtype = next(model.parameters()).dtype
-    model = model.float()
+    device = "cuda" if cfg.use_gpu else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto", device_map={"": device})
     if cfg.method == "lora":
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(trained)).merge_and_unload()
     else:
         _load_full_weights(model, trained / FULL_WEIGHTS_FILE)
-    model = model.to(dtype)
     model.config.use_cache = True
     model.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(model_path).save_pretrained(str(out))
+
+
+def download(fs: Any, src: str, local: Path) -> None:
+    """Copy a folder from storage into a local one (created)."""
+    import pyarrow.fs as pafs
+
+    local.mkdir(parents=True, exist_ok=True)  # copy_files creates the subfolders, not the root
+    pafs.copy_files(src, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
 def _load_full_weights(model: Any, weights_file: Path) -> None:
@@ -77,7 +135,7 @@ def _load_full_weights(model: Any, weights_file: Path) -> None:
         )
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value.to(torch.float32))
+            params[name].copy_(value.to(params[name].dtype))
 
 
 def assert_no_pickles(folder: Path) -> None:
@@ -91,6 +149,9 @@ def publish(local: Path, fs: Any, dest: str) -> None:
     """Move a finished local folder to ``dest`` (replacing it): rename on disk, copy to a URI."""
     import pyarrow.fs as pafs
 
+    from se_ray.storage import before_commit
+
+    before_commit()
     if isinstance(fs, pafs.LocalFileSystem):
         target = Path(dest)
         if target.exists():

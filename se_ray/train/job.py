@@ -21,10 +21,20 @@ from se_ray import columns as col
 from se_ray.config import ConfigError, DataConfig, JobConfig
 from se_ray.data import InputError, check_labels_folder, load_questions
 from se_ray.runtime import ensure_ray
-from se_ray.train.checkpoint import EXPORT_DIR, RUN_NAME, STATE_DIR, TRAIN_DIR, read_meta, restore_point
+from se_ray.train.checkpoint import (
+    EXPORT_DIR,
+    RUN_NAME,
+    SELECTED_DIR,
+    STATE_DIR,
+    TRAIN_DIR,
+    read_meta_from,
+    restore_point,
+    selected_dir,
+)
 from se_ray.train.export import export_models, write_run_files
 from se_ray.train.plan import StepPlan, check_train_config, plan_steps
 from se_ray.train.selection import SELECT_LABEL_RATE, SelectionPlan
+from se_ray.train.weights import prune_selected
 from se_ray.train.worker import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -70,13 +80,12 @@ def train_job(
     ensure_ray(cfg.ray)
     dataset = _labels_dataset(run)
     fit_start = time.perf_counter()
-    checkpoint = _fit(cfg, run, dataset, selection)
+    checkpoint = _fit(cfg, run, dataset, selection, output)
     fit_s = time.perf_counter() - fit_start
     with tempfile.TemporaryDirectory(prefix="se-ray-export-") as tmp_name:
         tmp = Path(tmp_name)
-        state, history = _fetch_meta(checkpoint, tmp / "checkpoint", run.plan)
-        trained = tmp / "checkpoint" / EXPORT_DIR
-        paths = export_models(cfg, trained, tmp, run.out_fs, run.out_path, output)
+        state, history = _fetch_meta(checkpoint, run.plan)
+        paths = export_models(cfg, _trained_folder(run, checkpoint, state), tmp, output)
         summary = {
             **_summary(cfg, run, state, history),
             **_selection_summary(selection, state, history),
@@ -86,6 +95,8 @@ def train_job(
             **paths,
         }
         write_run_files(cfg, history, summary, tmp, run.out_fs, run.out_path)
+    if state.get("selected_step") is not None:  # the exported step's weights stay for a rerun's export
+        prune_selected(run.out_fs, posixpath.join(run.storage_path, SELECTED_DIR), {state["selected_step"]})
     _log_done(run, history, summary)
     return {k: v for k, v in summary.items() if k != "summary"}
 
@@ -224,7 +235,7 @@ def _read_labels(parts: list[str], fs: Any) -> Any:
         ctx.use_datasource_v2 = saved
 
 
-def _fit(cfg: JobConfig, run: TrainRun, dataset: Any, selection: SelectionPlan | None) -> Any:
+def _fit(cfg: JobConfig, run: TrainRun, dataset: Any, selection: SelectionPlan | None, output: str) -> Any:
     """Run (or resume) the ``TorchTrainer``; the run's latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -239,10 +250,14 @@ def _fit(cfg: JobConfig, run: TrainRun, dataset: Any, selection: SelectionPlan |
             "job": cfg.model_dump(mode="json"),
             "rows": run.rows,
             "selection": selection.to_dict() if selection else None,
+            "output": output,  # the workers write a selected step's weights under it
         },
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker=resources,
+            accelerator_type=tcfg.accelerator_type,
         ),
         run_config=RunConfig(
             name=RUN_NAME,
@@ -259,20 +274,24 @@ def _fit(cfg: JobConfig, run: TrainRun, dataset: Any, selection: SelectionPlan |
     return checkpoint
 
 
-def _fetch_meta(checkpoint: Any, meta: Path, plan: StepPlan) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Copy the checkpoint's ``se_ray/`` folder to ``meta``; (state, history), checked to be the end."""
-    import pyarrow.fs as pafs
-
-    pafs.copy_files(
-        posixpath.join(checkpoint.path, STATE_DIR),
-        str(meta),
-        source_filesystem=checkpoint.filesystem,
-        destination_filesystem=pafs.LocalFileSystem(),
-    )
-    state, history = read_meta(meta)
+def _fetch_meta(checkpoint: Any, plan: StepPlan) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The checkpoint's (state, history), checked to be the end (no weights are read)."""
+    state, history = read_meta_from(checkpoint.filesystem, posixpath.join(checkpoint.path, STATE_DIR))
     if state["step"] != plan.total_steps:
         raise RuntimeError(f"latest checkpoint is at step {state['step']}, expected {plan.total_steps}")
     return state, history
+
+
+def _trained_folder(run: TrainRun, checkpoint: Any, state: dict[str, Any]) -> str:
+    """The folder of the weights to export, relative to OUTPUT: the selected step's, or the last
+    checkpoint's ``export/``."""
+    step = state.get("selected_step")
+    folder = (
+        selected_dir(run.storage_path, step)
+        if step is not None
+        else posixpath.join(checkpoint.path, STATE_DIR, EXPORT_DIR)
+    )
+    return posixpath.relpath(folder, run.out_path)
 
 
 def _steps_run_now(history: list[dict[str, Any]], prior_step: int | None) -> list[dict[str, Any]]:

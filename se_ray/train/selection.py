@@ -67,70 +67,116 @@ def probe_steps(every: int | None, steps_per_epoch: int, total_steps: int) -> li
 
 
 def probe_abstention_rate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], abstention_text: str, rank: int, world: int
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    abstention_text: str,
+    rank: int,
+    world: int,
+    chunk_size: int = 32,
+    synced: bool = False,
 ) -> float:
-    """The share of ``prompts`` whose greedy answer abstains (a collective: every rank calls it).
+    """The share of ``prompts`` (token ids) whose greedy answer abstains (a collective: every rank calls it).
 
-    Each rank decodes its slice in one batch for the same number of steps, so every rank runs
-    the same forwards (ZeRO-3 gathers parameters collectively in each); a rank with an empty
-    slice decodes a stand-in it does not count. Answers are read with ``is_abstention``, the
-    rule evaluation uses.
+    Each rank decodes its slice in chunks of ``chunk_size``. Every rank makes the same number of
+    ``generate`` calls (a rank with fewer prompts decodes a stand-in it does not count), and with
+    ``synced`` (ZeRO-3, whose forwards gather parameters collectively) each call runs in lockstep
+    across the ranks: HF ``generate(synced_gpus=True)`` keeps a finished rank stepping until all
+    are done. Answers are read with ``is_abstention``, the rule evaluation uses.
     """
     import torch
     import torch.distributed as dist
 
-    from se_ray.metrics import is_abstention
+    from se_ray.abstention import is_abstention
 
-    steps = len(tokenizer(abstention_text, add_special_tokens=False)["input_ids"]) + 4
-    mine = list(prompts[rank::world])
-    answers = greedy_answers(model, tokenizer, mine or list(prompts[:1]), steps)
-    abstained = sum(is_abstention(a, abstention_text) for a in answers) if mine else 0
+    max_new_tokens = len(tokenizer(abstention_text, add_special_tokens=False)["input_ids"]) + 4
+    answers = probe_answers(model, tokenizer, prompts, rank, world, max_new_tokens, chunk_size, synced)
+    abstained = sum(is_abstention(a, abstention_text) for a in answers)
     device = next(model.parameters()).device
-    totals = torch.tensor([float(abstained), float(len(mine))], dtype=torch.float64, device=device)
+    totals = torch.tensor([float(abstained), float(len(answers))], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     return totals[0].item() / max(totals[1].item(), 1.0)
 
 
-def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of ``prompts``, decoded in one left-padded batch for exactly
-    ``max_new_tokens`` steps (no early stop), each cut at its first EOS; dropout off meanwhile."""
+def probe_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    rank: int,
+    world: int,
+    max_new_tokens: int,
+    chunk_size: int = 32,
+    synced: bool = False,
+) -> list[str]:
+    """This rank's greedy answers to its slice of ``prompts`` (every ``world``-th one), decoded in
+    chunks; every rank makes the same number of ``generate`` calls (see ``probe_chunks``)."""
+    mine = [list(p) for p in prompts[rank::world]]
+    answers: list[str] = []
+    for start, stop in probe_chunks(len(mine), len(prompts), world, chunk_size):
+        batch = mine[start:stop]
+        decoded = greedy_answers(model, tokenizer, batch or [list(prompts[0])], max_new_tokens, synced)
+        answers += decoded if batch else []  # a stand-in keeps the ranks in step; it is not counted
+    return answers
+
+
+def probe_chunks(mine: int, total: int, world: int, chunk_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk a rank holding ``mine`` of ``total`` prompts decodes.
+
+    Every rank gets the same number of chunks, that of the largest slice (ceil(total / world)
+    prompts); a rank's chunks past its own prompts are empty.
+    """
+    largest = -(-total // world)
+    count = max(1, -(-largest // chunk_size))
+    return [(min(k * chunk_size, mine), min((k + 1) * chunk_size, mine)) for k in range(count)]
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends an answer: the model's generation config may list several (Llama-3: two)."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return ids
+
+
+def greedy_answers(
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, synced: bool = False
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (token ids), one left-padded HF ``generate`` call; each
+    stops at any EOS id, and logits are computed at the last position only (``logits_to_keep``,
+    which ``generate`` sets). Dropout is off meanwhile."""
     import torch
+    from transformers import GenerationConfig
 
     device = next(model.parameters()).device
-    ids = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(i) for i in ids)
-    input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    step_ids, past, tokens = input_ids, None, []
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    generation = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True
+    )
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for _ in range(max_new_tokens):
-                out = model(
-                    input_ids=step_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=past,
-                    use_cache=True,
-                )
-                past = out.past_key_values
-                step_ids = out.logits[:, -1, :].argmax(-1, keepdim=True)
-                tokens.append(step_ids)
-                mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-                positions = positions[:, -1:] + 1
+            out = model.generate(
+                input_ids=input_ids, attention_mask=mask, generation_config=generation, synced_gpus=synced
+            )
     finally:
         model.train(was_training)
-    generated = torch.cat(tokens, dim=1).tolist()
-    return [
-        tokenizer.decode(_until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
-        for row in generated
-    ]
+    generated = out[:, width:].tolist()
+    return [tokenizer.decode(until_eos(row, eos), skip_special_tokens=True) for row in generated]
 
 
-def _until_eos(ids: list[int], eos: int | None) -> list[int]:
-    """The generated ids before the first EOS (greedy decoding runs on past it)."""
-    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
+def until_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """The generated ids before the first of any EOS id (a finished row is padded after it)."""
+    stops = set(eos_ids)
+    for k, token in enumerate(ids):
+        if token in stops:
+            return list(ids[:k])
+    return list(ids)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -26,13 +27,22 @@ from se_ray.train.checkpoint import (
     EXPORT_DIR,
     SELECTED_FILE,
     STATE_DIR,
+    TRAIN_DIR,
     read_meta,
     write_meta,
 )
 from se_ray.train.examples import TokenizeCollate, stream_collate, with_last
-from se_ray.train.plan import StepPlan, deepspeed_config, lora_config, plan_steps, warmup_cosine
+from se_ray.train.plan import StepPlan, deepspeed_config, plan_steps, warmup_cosine
 from se_ray.train.selection import SelectionPlan, improves, probe_abstention_rate, probe_steps
-from se_ray.train.weights import config_dtype, gather_trainable, write_export
+from se_ray.train.weights import (
+    LoadedModel,
+    gather_trainable,
+    load_train_model,
+    param_groups,
+    publish_selected,
+    restore_selected,
+    write_export,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +56,20 @@ class Worker:
     rank: int
     world: int
     engine: Any
-    tokenizer: Any
-    base_dtype: Any  # the base folder's dtype: full fine-tuning exports in it
+    loaded: LoadedModel  # tokenizer, base dtype, ZeRO-3 loading config (kept alive)
     selection: SelectionPlan | None = None
-    selection_prompts: tuple[str, ...] = ()
+    selection_prompts: tuple[tuple[int, ...], ...] = ()  # token ids (prompts.question_prompt_ids)
     probes: frozenset[int] = frozenset()
+    selected_store: tuple[Any, str] | None = None  # (fs, OUTPUT/ray_train): where selected weights go
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
 
     @property
     def export_dtype(self) -> Any:
         """LoRA matrices stay fp32 (small); full weights are exported in the base folder's dtype."""
-        return self.base_dtype if self.cfg.method == "full" else None
+        return self.loaded.base_dtype if self.cfg.method == "full" else None
 
 
 @dataclass
@@ -70,7 +84,7 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     selected_step: int | None = None  # train.select_checkpoint=label_rate: the step to export
     selected_rate: float | None = None
-    selected_state: dict[str, Any] | None = None  # its trainable weights (rank 0)
+    checkpointed: list[int] = field(default_factory=list)  # selected steps the latest checkpoints name
 
 
 @dataclass
@@ -93,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     _log_to_console()
     worker = _set_up(job, int(config["rows"]))
-    worker = _with_selection(worker, config.get("selection"), job.sampling.answer_style)
+    worker = _with_selection(worker, job, config)
     progress = _restore(worker)
     if worker.rank == 0:
         _log_setup(worker, progress, time.perf_counter() - loop_start)
@@ -118,9 +132,6 @@ def _set_up(job: JobConfig, rows: int) -> Worker:
     import deepspeed
     import ray.train
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from se_ray.models import resolve_model
 
     cfg = job.train
     context = ray.train.get_context()
@@ -130,38 +141,34 @@ def _set_up(job: JobConfig, rows: int) -> Worker:
     if not cfg.use_gpu:
         # torch starts a thread per core in every worker; the workers share the node's cores.
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-
-    model_path = resolve_model(job.sampling.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    base_dtype = config_dtype(AutoConfig.from_pretrained(model_path))
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.bfloat16 if cfg.use_gpu else torch.float32
-    )
-    model.config.use_cache = False
-    if cfg.method == "lora":
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config(cfg))
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+    ds_config = deepspeed_config(cfg, world)
+    loaded = load_train_model(job, ds_config)
+    optimizer = torch.optim.AdamW(param_groups(loaded.model, cfg.weight_decay), lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps)
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
+        model=loaded.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    return Worker(cfg, plan, rank, world, engine, tokenizer, base_dtype)
+    return Worker(cfg, plan, rank, world, engine, loaded)
 
 
-def _with_selection(w: Worker, selection: dict[str, Any] | None, style: str) -> Worker:
-    """The worker with its selection probe's prompts and steps (``train.select_checkpoint``)."""
-    if not selection:
+def _with_selection(w: Worker, job: JobConfig, config: dict[str, Any]) -> Worker:
+    """The worker with its selection probe's prompts, steps and storage (``train.select_checkpoint``)."""
+    if not config.get("selection"):
         return w
-    from se_ray.prompts import render_prompt
+    from se_ray.prompts import question_prompt_ids
+    from se_ray.storage import filesystem
 
-    plan = SelectionPlan.from_dict(selection)
-    prompts = tuple(render_prompt(w.tokenizer, q, style, c) for q, c in plan.questions)
+    plan = SelectionPlan.from_dict(config["selection"])
+    style = job.sampling.answer_style
+    prompts = tuple(tuple(question_prompt_ids(w.tokenizer, q, style, c)) for q, c in plan.questions)
     steps = probe_steps(w.cfg.select_every_steps, w.plan.steps_per_epoch, w.plan.total_steps)
-    return replace(w, selection=plan, selection_prompts=prompts, probes=frozenset(steps))
+    fs, out_path = filesystem(config["output"], job.storage)
+    store = (fs, posixpath.join(out_path, TRAIN_DIR))
+    return replace(
+        w, selection=plan, selection_prompts=prompts, probes=frozenset(steps), selected_store=store
+    )
 
 
 def _train_epoch(
@@ -239,13 +246,24 @@ def _probe(w: Worker, progress: Progress, row: dict[str, Any]) -> None:
     started = time.perf_counter()
     target = w.selection.target_rate
     rate = probe_abstention_rate(
-        w.engine.module, w.tokenizer, w.selection_prompts, w.selection.abstention_text, w.rank, w.world
+        w.engine.module,
+        w.tokenizer,
+        w.selection_prompts,
+        w.selection.abstention_text,
+        w.rank,
+        w.world,
+        chunk_size=w.cfg.select_batch_size,
+        synced=w.cfg.zero_stage == 3 and w.world > 1,
     )
     row["abstention_rate"] = rate
     kept = improves(rate, progress.selected_rate, target)
     if kept:  # every rank decides alike: the rate is summed over all of them
         progress.selected_step, progress.selected_rate = progress.step, rate
-        progress.selected_state = gather_trainable(w.engine, w.cfg.zero_stage, w.rank, w.export_dtype)
+        trained = gather_trainable(w.engine, w.cfg.zero_stage, w.rank, w.export_dtype)  # a collective
+        if w.rank == 0:  # written once; the selections that no checkpoint names are dropped
+            assert w.selected_store is not None and trained is not None
+            keep = {progress.step, *progress.checkpointed}
+            publish_selected(w.engine, w.cfg, trained, *w.selected_store, progress.step, keep)
     if w.rank == 0:
         logger.info(
             "probe at step %d: abstains on %.0f%% of %d held-out questions (labels: %.0f%%)%s; %.1f s",
@@ -299,22 +317,18 @@ def _save_checkpoint(w: Worker, progress: Progress, metrics: dict[str, Any]) -> 
         w.engine.save_checkpoint(
             str(tmp / DS_DIR), tag=f"step{progress.step}", exclude_frozen_parameters=w.cfg.method == "lora"
         )
-        selected = progress.selected_step is not None
-        trained = (
-            progress.selected_state
-            if selected
-            else gather_trainable(w.engine, w.cfg.zero_stage, w.rank, w.export_dtype)
-        )
+        # The weights to export, once: the last checkpoint's (a selected step's are already stored).
+        export_now = progress.step == w.plan.total_steps and progress.selected_step is None
+        trained = gather_trainable(w.engine, w.cfg.zero_stage, w.rank, w.export_dtype) if export_now else None
         if w.rank == 0:
-            write_export(w.engine, w.cfg, trained, tmp / STATE_DIR / EXPORT_DIR)
+            if trained is not None:
+                write_export(w.engine, w.cfg, trained, tmp / STATE_DIR / EXPORT_DIR)
             write_meta(tmp / STATE_DIR, state, progress.history)
-            if selected:
-                from safetensors.torch import save_file
-
-                save_file(trained, str(tmp / STATE_DIR / SELECTED_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if progress.selected_step is not None:
+        progress.checkpointed = [*progress.checkpointed, progress.selected_step][-w.cfg.num_to_keep :]
 
 
 def _restore(w: Worker) -> Progress:
@@ -337,11 +351,11 @@ def _restore(w: Worker) -> Progress:
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint.path}")
-        selected_state = None
-        if w.rank == 0 and saved.get("selected_step") is not None:
-            from safetensors.torch import load_file
-
-            selected_state = load_file(str(Path(folder) / STATE_DIR / SELECTED_FILE))
+        selected = saved.get("selected_step")
+        if w.rank == 0 and selected is not None:
+            assert w.selected_store is not None
+            legacy = Path(folder) / STATE_DIR / SELECTED_FILE
+            restore_selected(w.engine, w.cfg, *w.selected_store, selected, legacy)
     return Progress(
         step=saved["step"],
         epoch=saved["epoch"],
@@ -351,20 +365,8 @@ def _restore(w: Worker) -> Progress:
         history=history,
         selected_step=saved.get("selected_step"),
         selected_rate=saved.get("selected_rate"),
-        selected_state=selected_state,
+        checkpointed=[selected] if selected is not None else [],
     )
-
-
-def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norms (the 1-D parameters)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
 
 
 def _log_setup(w: Worker, progress: Progress, setup_s: float) -> None:

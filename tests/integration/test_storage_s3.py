@@ -399,3 +399,71 @@ def test_s3_output_location_checks(s3, bucket, storage):
         check_output_location(missing, storage)
     check_output_location(f"s3://{bucket}/fresh/run", storage)
     assert not [k for k in _keys(s3, bucket, "fresh/") if "probe" in k]  # the probe is cleaned up
+
+
+def test_s3_stage_state_missing_is_absent_and_unreadable_deletes_nothing(s3, bucket, storage):
+    """Only S3's "no such key" means a stage is absent. An object S3 refuses to serve (here:
+    archived to Glacier, GetObject answers InvalidObjectState) is an error, and the finished
+    trial's checkpoint and adapter stay."""
+    from se_ray.run.stages import STAGE_FILE, Stage
+    from se_ray.storage import Store
+
+    fresh = Stage(Store(f"s3://{bucket}/fresh", storage), "k")
+    assert fresh.cached() is None
+    fresh.begin()
+    assert json.loads(_get(s3, bucket, f"fresh/{STAGE_FILE}")) == {"key": "k", "done": False}
+
+    state = json.dumps({"key": "k", "done": True, "summary": {"aed": 0.4}}).encode()
+    s3.put_object(Bucket=bucket, Key=f"trial/{STAGE_FILE}", Body=state, StorageClass="GLACIER")
+    s3.put_object(Bucket=bucket, Key="trial/train/checkpoint_000003/model.safetensors", Body=b"w")
+    s3.put_object(Bucket=bucket, Key="trial/adapter/adapter_model.safetensors", Body=b"lora")
+    before = _keys(s3, bucket, "trial/")
+    stage = Stage(Store(f"s3://{bucket}/trial", storage), "k")
+    with pytest.raises(OSError) as err:
+        stage.cached()
+    assert not isinstance(err.value, FileNotFoundError)
+    with pytest.raises(OSError):
+        stage.begin()
+    assert _keys(s3, bucket, "trial/") == before
+
+
+def test_s3_commit_after_a_forced_takeover_raises_and_writes_nothing(s3, bucket, storage):
+    from se_ray.lease import LeaseLostError, OutputLease
+    from se_ray.storage import Store
+
+    out = f"s3://{bucket}/run1"
+    first = OutputLease(out, storage, heartbeat_s=3600).acquire()
+    try:
+        store = Store(out, storage)
+        store.write_json("before.json", {"n": 1})
+        second = OutputLease(out, storage, force=True, reentrant=False).acquire()
+        try:
+            with pytest.raises(LeaseLostError, match=rf"^output {out} was taken over by .*:\d+ \(leased"):
+                store.write_json("after.json", {"n": 2})
+            objects = sorted(k for k in _keys(s3, bucket, "run1/") if not k.endswith("/"))  # no dir markers
+            assert objects == ["run1/_lease.json", "run1/before.json"]  # no after.json, no temporary
+            assert _lease_record(s3, bucket)["token"] == second.record.token
+        finally:
+            second.release()
+    finally:
+        first.release()
+
+
+def test_s3_lease_without_boto3_only_when_opted_in(s3, bucket, storage, monkeypatch):
+    import sys
+
+    from se_ray.lease import OutputError, OutputLease
+    from se_ray.lease_stores import GenericStore, store_for
+
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as on a node without boto3
+    out = f"s3://{bucket}/run1"
+    with pytest.raises(OutputError, match=r"boto3 is not installed.*s3_lease_without_boto3=true"):
+        OutputLease(out, storage).acquire()
+    assert _keys(s3, bucket, "run1/") == []
+    opted = storage.model_copy(update={"s3_lease_without_boto3": True})
+    store = store_for(out, opted)
+    assert isinstance(store, GenericStore)
+    store.settle_s = 0.0
+    version = store.create(b"lease")  # written and read back through pyarrow's S3
+    assert version is not None and store.create(b"other") is None
+    assert _get(s3, bucket, "run1/_lease.json") == b"lease"

@@ -109,13 +109,14 @@ VLLM_SCRIPT = textwrap.dedent(
 
         job = json.loads(open(sys.argv[1]).read())
         llm = LLM(model=job["model"], max_model_len=512, seed=0, enforce_eager=True)
-        outputs = llm.generate(job["prompts"], SamplingParams(temperature=0.0, max_tokens=16))
+        prompts = [{"prompt_token_ids": ids} for ids in job["prompts"]]  # vllm TokensPrompt
+        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
         print("RESULT " + json.dumps([o.outputs[0].text for o in outputs]), flush=True)
     """
 )
 
 
-def _vllm_greedy(tmp_path: Path, model: str, prompts: list[str]) -> list[str]:
+def _vllm_greedy(tmp_path: Path, model: str, prompts: list[list[int]]) -> list[str]:
     script = tmp_path / "vllm_greedy.py"
     script.write_text(VLLM_SCRIPT)
     job = tmp_path / "vllm_job.json"
@@ -130,20 +131,21 @@ def _vllm_greedy(tmp_path: Path, model: str, prompts: list[str]) -> list[str]:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def _hf_greedy(model_dir: str, prompts: list[str]) -> list[str]:
+def _hf_greedy(model_dir: str, prompts: list[list[int]]) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return greedy_one_prompt_at_a_time(model, tokenizer, prompts, max_new_tokens=16)
+    texts = [tokenizer.decode(ids) for ids in prompts]
+    return greedy_one_prompt_at_a_time(model, tokenizer, texts, max_new_tokens=16)
 
 
 def test_lora_zero2_learns_to_abstain(tmp_path, ray_address, nq_dev):
     from transformers import AutoTokenizer
 
     from se_ray.models import resolve_model
-    from se_ray.prompts import render_prompt
+    from se_ray.prompts import question_prompt_ids
     from se_ray.train import train_job
 
     questions = _questions(nq_dev, 4)
@@ -190,7 +192,7 @@ def test_lora_zero2_learns_to_abstain(tmp_path, ray_address, nq_dev):
     print(f"\nLoRA ZeRO-2: {summary['tokens_per_s']:.0f} tokens/s, fit {summary['fit_s']:.0f} s")
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    prompts = [render_prompt(tokenizer, q, cfg.sampling.answer_style) for q in questions]
+    prompts = [question_prompt_ids(tokenizer, q, cfg.sampling.answer_style) for q in questions]
     base_answers = _hf_greedy(base, prompts)
     assert not any(_is_abstention(a) for a in base_answers), base_answers
     tuned_answers = _vllm_greedy(tmp_path, str(merged), prompts)

@@ -15,11 +15,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import math
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,27 @@ import yaml
 jsonschema = pytest.importorskip("jsonschema")
 
 from se_ray.config import JobConfig, load_config  # noqa: E402
+from se_ray.resources.cluster import read_cluster  # noqa: E402
+from se_ray.resources.groups import correctness_judge, job_groups  # noqa: E402
+from se_ray.resources.model import (  # noqa: E402
+    GPU_PRODUCTS,
+    GPUS,
+    INSTANCES,
+    MODELS,
+    Arch,
+    arch_from_hf_config,
+    judge_tp_needed,
+    kv_bytes_per_token,
+    lora_params,
+    nli_gb,
+    tp_lower_bound,
+    train_gb,
+    vllm_fits,
+    vllm_kv_gb,
+    vllm_min_gpu_gb,
+    weights_gb,
+)
+from se_ray.resources.placement import PlanError, plan_phases  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -463,7 +482,7 @@ def test_paper_config_is_the_papers_setting():
     assert (t.global_batch_size, t.epochs, t.warmup_ratio) == (48, 7, 0.2)
     assert t.global_batch_size == t.micro_batch_size * t.num_workers  # no gradient accumulation
     assert (cfg.eval.judge, cfg.eval.judge_model) == ("llm", "meta-llama/Meta-Llama-3-8B-Instruct")  # A.2
-    assert judge_engine(cfg) is None  # the 8B judge shares the evaluation engines
+    assert correctness_judge(cfg, "evaluate", MODELS) == []  # the 8B judge shares the evaluation engines
     assert (cfg.split.train, cfg.split.validation) == (2000, 500)
     assert cfg.sweep.taus == [0.25 * i for i in range(1, 10)] and cfg.sweep.seeds == 3
 
@@ -605,480 +624,167 @@ def test_dockerfile_copies_only_what_exists():
 
 
 # --------------------------------------------------------------------------------------------
-# Resource arithmetic: do the job configs' actor pools fit the declared GPU nodes?
+# Resource arithmetic: the memory model and the node tables live in se_ray/resources/ (model.py,
+# cluster.py); `se-ray plan` places every job config on every cluster file with them
+# (tests/unit/test_resource_plan.py). Here: the tables agree with the files and with Ray's own
+# readers, and the model's figures are the documented ones.
 # --------------------------------------------------------------------------------------------
-#
-# Placement, as Ray does it (src/ray/common/scheduling/resource_instance_set.cc, TryAllocate):
-# a GPU request is a whole number (it takes that many *entirely free* GPUs) or a fraction < 1
-# (it goes to the *best-fitting* GPU: the one with the least capacity left that still holds it;
-# fractional requests >= 1 are refused). So fractional actors pack into whole GPUs, and whether
-# a 0.25-GPU actor can share a GPU with an engine depends on what the engine took.
-# Requests per pool (how se_ray starts them):
-#   vLLM engine    tensor_parallel_size == 1: one actor, num_gpus_per_engine GPUs (may be a
-#                  fraction), num_cpus_per_engine CPUs (se_ray/engine.py).
-#                  tensor_parallel_size  > 1: the actor takes 0 GPUs and vLLM's Ray executor
-#                  places TP workers of 1 GPU each; they must share a node (NVLink), so the
-#                  engine counts as one TP-GPU request.
-#   NLI actor      entailment.num_gpus, entailment.num_cpus (Ray Data actor pool).
-#   train worker   1 GPU and train.cpus_per_worker CPUs (Ray Train, use_gpu).
-#   LLM judge      an engine of eval.judge_model; its TP is not a config key yet: the smallest
-#                  power of two that fits in GPU memory (judge_tp_needed below).
-# Stages running at once: sampling + entailment (they stream together), then training alone,
-# then evaluation (engines and judge counted together: the conservative case).
-# Nodes are filled first-fit in the order the actors start (engines are acquired before the
-# dataset runs, so they start first); the autoscaler adds nodes up to the type's max workers.
-
-GB = 1e9
 
 
-@dataclass(frozen=True)
-class Arch:
-    """From each model's config.json on the Hugging Face Hub."""
-
-    params_b: float  # billions of parameters
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    intermediate: int
+def _model(name: str) -> Arch:
+    return MODELS[name]
 
 
-MODELS = {
-    "meta-llama/Meta-Llama-3-8B-Instruct": Arch(8.03, 32, 4096, 32, 8, 128, 128256, 14336),
-    "meta-llama/Meta-Llama-3-70B-Instruct": Arch(70.55, 80, 8192, 64, 8, 128, 128256, 28672),
-    "microsoft/deberta-v2-xlarge-mnli": Arch(0.886, 24, 1536, 24, 24, 64, 128100, 6144),
-}
-
-# Memory per GPU as sold, in GB (1e9 bytes); usable memory is 1-3% less, which the
-# activation and context reserves below absorb.
-GPU_MEMORY_GB = {"H100-80GB": 80.0, "A100-40GB": 40.0, "A100-80GB": 80.0, "L4": 24.0}
-# Instance / machine type -> (GPU model, GPUs, vCPUs, RAM in GiB), from the clouds' spec sheets.
-INSTANCES = {
-    "p5.48xlarge": ("H100-80GB", 8, 192, 2048),
-    "p4d.24xlarge": ("A100-40GB", 8, 96, 1152),
-    "p4de.24xlarge": ("A100-80GB", 8, 96, 1152),
-    "g6.xlarge": ("L4", 1, 4, 16),
-    "g6.2xlarge": ("L4", 1, 8, 32),
-    "a3-highgpu-8g": ("H100-80GB", 8, 208, 1743),  # 1872 GB
-    "a2-highgpu-8g": ("A100-40GB", 8, 96, 633),  # 680 GB
-    "a2-ultragpu-8g": ("A100-80GB", 8, 96, 1266),  # 1360 GB
-    "g2-standard-8": ("L4", 1, 8, 29),  # 32 GB
-}
-# Node labels of NVIDIA GPU feature discovery (nvidia.com/gpu.product) -> GPU model.
-GPU_PRODUCTS = {
-    "NVIDIA-H100-80GB-HBM3": "H100-80GB",
-    "NVIDIA-A100-SXM4-40GB": "A100-40GB",
-    "NVIDIA-A100-SXM4-80GB": "A100-80GB",
-    "NVIDIA-L4": "L4",
-}
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "auto": 2, "float32": 4}
-CUDA_CONTEXT_GB = 1.0  # per process: CUDA context, cuBLAS/NCCL workspaces
-VLLM_ACTIVATION_GB = 2.0  # vLLM's profiled peak activations, sampler and CUDA graphs at 1k context
-PROMPT_TOKENS = 64  # chat template + question (NQ questions are short)
+LLAMA_8B, LLAMA_70B = (
+    _model("meta-llama/Meta-Llama-3-8B-Instruct"),
+    _model("meta-llama/Meta-Llama-3-70B-Instruct"),
+)
+DEBERTA = _model("microsoft/deberta-v2-xlarge-mnli")
 
 
-def _arch(model: str) -> Arch:
-    assert model in MODELS, f"no memory figures for {model!r}: add its config.json numbers to MODELS"
-    return MODELS[model]
-
-
-def weights_gb(model: str, dtype: str = "bfloat16") -> float:
-    return _arch(model).params_b * 1e9 * DTYPE_BYTES[dtype] / GB
-
-
-def kv_bytes_per_token(model: str, dtype: str = "bfloat16") -> float:
-    a = _arch(model)
-    return 2 * a.layers * a.kv_heads * a.head_dim * DTYPE_BYTES[dtype]  # K and V
-
-
-def vllm_kv_gb(model: str, gpu_mem_gb: float, utilization: float, tp: int, dtype: str = "bfloat16") -> float:
-    """KV cache left per GPU once the weights shard and activations are in vLLM's budget."""
-    return utilization * gpu_mem_gb - weights_gb(model, dtype) / tp - VLLM_ACTIVATION_GB
-
-
-def vllm_fits(
-    model: str, gpu_mem_gb: float, utilization: float, tp: int, tokens: int, dtype="bfloat16"
-) -> bool:
-    """Whether the engine starts and holds `tokens` tokens of KV cache (vLLM refuses to start
-    when the cache cannot hold one max_model_len sequence; we ask for one question's samples)."""
-    return (
-        vllm_kv_gb(model, gpu_mem_gb, utilization, tp, dtype) * GB >= tokens * kv_bytes_per_token(model) / tp
+def _paper_train_gb(cfg: JobConfig) -> float:
+    t = cfg.train
+    return train_gb(
+        MODELS[cfg.sampling.model],
+        method=t.method,
+        lora_r=t.lora_r,
+        modules=t.lora_target_modules,
+        workers=t.num_workers,
+        zero_stage=t.zero_stage,
+        seq=t.max_length,
+        batch=t.micro_batch_size,
     )
-
-
-def tp_lower_bound(model: str, gpu_mem_gb: float, dtype: str = "bfloat16") -> int:
-    """Weights alone: the fewest GPUs (power of two) whose memory holds the weights."""
-    return 2 ** math.ceil(math.log2(max(1.0, weights_gb(model, dtype) / gpu_mem_gb)))
-
-
-def judge_tp_needed(model: str, gpu_mem_gb: float, max_model_len: int, utilization: float = 0.9) -> int:
-    """The smallest power-of-two tensor parallelism with which the vLLM engine fits."""
-    tp = tp_lower_bound(model, gpu_mem_gb)
-    while not vllm_fits(model, gpu_mem_gb, utilization, tp, max_model_len):
-        tp *= 2
-        assert tp <= 64
-    return tp
-
-
-def nli_gb(model: str, model_batch_size: int, max_answer_tokens: int) -> float:
-    """An NLI actor: fp32 weights (loaded at the model's saved dtype) + inference activations.
-    A pair is "{question} {answer_a}" [SEP] "{question} {answer_b}". Peak activations: the
-    attention scores of one layer (DeBERTa adds content-to-position and position-to-content
-    terms: 3 score matrices) plus a few hidden-state copies."""
-    a = _arch(model)
-    seq = 2 * (PROMPT_TOKENS + max_answer_tokens)
-    scores = model_batch_size * a.heads * seq * seq * 4 * 3
-    hidden = model_batch_size * seq * max(a.hidden, a.intermediate) * 4 * 4
-    return weights_gb(model, "float32") + (scores + hidden) / GB + CUDA_CONTEXT_GB
-
-
-def lora_params(model: str, r: int, modules: list[str]) -> float:
-    a = _arch(model)
-    kv = a.kv_heads * a.head_dim
-    shapes = {
-        "q_proj": (a.hidden, a.heads * a.head_dim),
-        "k_proj": (a.hidden, kv),
-        "v_proj": (a.hidden, kv),
-        "o_proj": (a.heads * a.head_dim, a.hidden),
-        "gate_proj": (a.hidden, a.intermediate),
-        "up_proj": (a.hidden, a.intermediate),
-        "down_proj": (a.intermediate, a.hidden),
-    }
-    return a.layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in modules)
-
-
-def train_gb(cfg: JobConfig) -> float:
-    """One ZeRO-2 worker (bf16 weights replicated; grads + fp32 Adam states of the trainable
-    parameters sharded over the workers) + activations without recomputation (Korthikanti et
-    al. 2022: s*b*h*L*(34 + 5*a*s/h) bytes) + fp32 logits and their gradient."""
-    t, a = cfg.train, _arch(cfg.sampling.model)
-    trainable = (
-        a.params_b * 1e9
-        if t.method == "full"
-        else lora_params(cfg.sampling.model, t.lora_r, t.lora_target_modules)
-    )
-    states = (2 + 12) * trainable / (t.num_workers if t.zero_stage >= 2 else 1)
-    s, b = t.max_length, t.micro_batch_size
-    activations = s * b * a.hidden * a.layers * (34 + 5 * a.heads * s / a.hidden)
-    logits = 2 * b * s * a.vocab * 4
-    return weights_gb(cfg.sampling.model) + (states + activations + logits) / GB + CUDA_CONTEXT_GB
-
-
-@dataclass(frozen=True)
-class NodeType:
-    source: str
-    name: str
-    gpu_model: str
-    gpus: int
-    cpus: float
-    max_workers: int
-
-    @property
-    def gpu_mem_gb(self) -> float:
-        assert self.gpu_model in GPU_MEMORY_GB, (
-            f"{self.source}:{self.name}: {self.gpu_model} (see GPU_PRODUCTS)"
-        )
-        return GPU_MEMORY_GB[self.gpu_model]
-
-
-def _launcher_node_types(path: Path) -> list[NodeType]:
-    """GPU node types of a launcher config; their machines are checked by a test below."""
-    config = _load_yaml(path)
-    out = []
-    for name, t in config["available_node_types"].items():
-        gpus = t["resources"].get("GPU", 0)
-        if not gpus:
-            continue
-        node_config = t["node_config"]
-        instance = node_config.get("InstanceType") or node_config.get("machineType")
-        model = INSTANCES.get(instance, (f"unknown machine {instance}",))[0]
-        max_workers = t.get("max_workers", config["max_workers"])
-        out.append(NodeType(path.name, name, model, gpus, t["resources"]["CPU"], max_workers))
-    return out
 
 
 @pytest.mark.parametrize("path", AUTOSCALER_FILES, ids=_ids(AUTOSCALER_FILES))
 def test_declared_resources_match_the_machines(path):
-    """What a node type declares is what its machine has (the autoscaler trusts the YAML)."""
+    """What a node type declares is what its machine has (the autoscaler trusts the YAML), the
+    accelerator type included (what a pinned request asks for)."""
     for name, t in _load_yaml(path)["available_node_types"].items():
         node_config = t["node_config"]
         instance = node_config.get("InstanceType") or node_config.get("machineType")
         if not t["resources"].get("GPU"):
             continue
         assert instance in INSTANCES, f"{path.name}:{name}: add {instance!r} to INSTANCES"
-        _, n_gpus, vcpus, ram_gib = INSTANCES[instance]
+        model, n_gpus, vcpus, ram_gib = INSTANCES[instance]
         declared = t["resources"]
         assert declared["GPU"] == n_gpus, (
             f"{path.name}:{name}: {instance} has {n_gpus} GPUs, not {declared['GPU']}"
         )
         assert declared["CPU"] <= vcpus, f"{path.name}:{name}: {instance} has {vcpus} vCPUs"
         assert declared["memory"] <= ram_gib * 2**30, f"{path.name}:{name}: {instance} has {ram_gib} GiB"
+        accelerators = [k for k in declared if k.startswith("accelerator_type:")]
+        assert accelerators == [f"accelerator_type:{GPUS[model].ray_type}"], (path.name, name, accelerators)
 
 
-def _kuberay_node_types(path: Path) -> list[NodeType]:
-    out = []
-    for doc in _docs(path):
-        spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
-        for g in spec.get("workerGroupSpecs", []):
-            pod = g["template"]["spec"]
-            limits = pod["containers"][0]["resources"]["limits"]
-            gpus = int(_quantity(limits.get("nvidia.com/gpu", 0)))
-            if not gpus:
-                continue
-            product = pod.get("nodeSelector", {}).get("nvidia.com/gpu.product")
-            # the GPU model is pinned with a nodeSelector (unknown ones fail in gpu_mem_gb)
-            model = GPU_PRODUCTS.get(product, f"unknown GPU product {product}")
-            cpus = float(g.get("rayStartParams", {}).get("num-cpus", _quantity(limits["cpu"])))
-            replicas = g["maxReplicas"] * g.get("numOfHosts", 1)
-            out.append(NodeType(path.name, g["groupName"], model, gpus, cpus, replicas))
-    return out
+@pytest.mark.parametrize("path", AUTOSCALER_FILES, ids=_ids(AUTOSCALER_FILES))
+def test_launcher_node_types_read_as_ray_up_reads_them(path):
+    from ray.autoscaler._private.util import prepare_config
+
+    prepared = prepare_config(_load_yaml(path))
+    ours = {t.name: t for t in read_cluster(path).node_types}
+    assert set(ours) == set(prepared["available_node_types"])
+    for name, t in prepared["available_node_types"].items():
+        declared = {k: float(v) for k, v in t["resources"].items()}
+        assert {k: v for k, v in ours[name].resources.items() if k in declared} == declared, name
+        assert ours[name].head == (name == prepared["head_node_type"])
+        if not ours[name].head:
+            assert ours[name].max_workers == t["max_workers"], name
 
 
-def gpu_node_types() -> list[NodeType]:
-    types = [t for p in KUBERAY_FILES for t in _kuberay_node_types(p)]
-    types += [t for p in AUTOSCALER_FILES for t in _launcher_node_types(p)]
-    return types
-
-
-@dataclass(frozen=True)
-class Request:
-    pool: str
-    cpus: float
-    gpus: float  # a whole number of free GPUs, or a fraction < 1 of one GPU
-    mem_gb: float  # GPU memory this actor uses on each of its GPUs
-
-
-@dataclass
-class Node:
-    gpus: list[float]  # free capacity per GPU
-    gpu_mem: list[float]  # free memory per GPU, GB
-    cpus: float
-    placed: list[str] = field(default_factory=list)
-
-    def try_place(self, r: Request) -> bool:
-        """Ray's rule: by GPU fraction only. Memory is tracked, not consulted (Ray cannot)."""
-        if r.cpus > self.cpus + 1e-9:
-            return False
-        if r.gpus >= 1:
-            free = [i for i, g in enumerate(self.gpus) if g >= 1 - 1e-9]
-            if len(free) < r.gpus:
-                return False
-            chosen = free[: int(r.gpus)]
-        elif r.gpus > 0:  # best fit
-            fits = [i for i, g in enumerate(self.gpus) if g >= r.gpus - 1e-9]
-            if not fits:
-                return False
-            chosen = [min(fits, key=lambda i: self.gpus[i] - r.gpus)]
-        else:
-            chosen = []
-        for i in chosen:
-            self.gpus[i] -= 1.0 if r.gpus >= 1 else r.gpus
-            self.gpu_mem[i] -= r.mem_gb
-        self.cpus -= r.cpus
-        self.placed.append(r.pool)
-        return True
-
-
-def place(requests: list[Request], node: NodeType) -> list[Node]:
-    """First-fit over nodes, adding one when nothing fits (what the autoscaler does)."""
-    nodes: list[Node] = []
-    for r in requests:
-        assert r.gpus < 1 or float(r.gpus).is_integer(), f"{r.pool}: Ray refuses fractional GPUs >= 1"
-        assert r.gpus <= node.gpus and r.cpus <= node.cpus, f"{r.pool} can never fit one {node.name} node"
-        if not any(n.try_place(r) for n in nodes):
-            fresh = Node([1.0] * node.gpus, [node.gpu_mem_gb] * node.gpus, node.cpus)
-            assert fresh.try_place(r), f"{r.pool} does not fit an empty {node.source}:{node.name}"
-            nodes.append(fresh)
-    return nodes
-
-
-def engine_requests(cfg: JobConfig, node: NodeType, pool: str = "engine") -> list[Request]:
-    s = cfg.sampling
-    tp = s.tensor_parallel_size
-    gpus = s.num_gpus_per_engine if tp == 1 else tp
-    mem = s.gpu_memory_utilization * node.gpu_mem_gb + CUDA_CONTEXT_GB
-    return [Request(pool, s.num_cpus_per_engine, gpus, mem)] * s.num_engines
-
-
-def nli_requests(cfg: JobConfig) -> list[Request]:
-    e = cfg.entailment
-    mem = nli_gb(e.model, e.model_batch_size, cfg.sampling.max_tokens) if e.num_gpus else 0.0
-    # an autoscaling pool must fit at its largest
-    return [Request("nli", e.num_cpus, e.num_gpus, mem)] * (e.max_actors or e.num_actors)
-
-
-def judge_engine(cfg: JobConfig):
-    """The correctness judge's engine exactly as se-ray derives it (None: it shares the generation engine)."""
-    from se_ray.engine import Engines, engine_digest
-
-    engines = Engines(cfg)
-    judge = engines.correctness_judge_cfg()
-    return None if engine_digest(judge) == engine_digest(engines.generation_cfg) else judge
-
-
-def judge_tp(cfg: JobConfig, node: NodeType) -> int:
-    """The judge engine's tensor parallelism as the code starts it; it must fit the node's GPUs."""
-    judge = judge_engine(cfg)
-    needed = judge_tp_needed(judge.model, node.gpu_mem_gb, judge.max_model_len)
-    assert judge.tensor_parallel_size >= needed, (
-        f"{judge.model} on {node.name}: tensor parallelism {judge.tensor_parallel_size} < {needed} needed"
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=_ids(KUBERAY_FILES))
+def test_kuberay_node_types_read_as_ray_autoscaler_reads_them(path):
+    """Ray's own KubeRay reader (autoscaling_config.py) gives each group the resources se-ray plan uses."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _generate_available_node_types_from_ray_cr_spec,
     )
-    return judge.tensor_parallel_size
 
-
-def stage_requests(cfg: JobConfig, node: NodeType) -> dict[str, list[Request]]:
-    stages = {"sample+entailment": engine_requests(cfg, node) + nli_requests(cfg)}
-    t = cfg.train
-    if t.use_gpu:
-        stages["train"] = [Request("train", t.cpus_per_worker, 1, train_gb(cfg))] * t.num_workers
-    if cfg.eval.judge == "llm":
-        stages["evaluate"] = engine_requests(cfg, node)
-        if judge_engine(cfg) is not None:
-            tp = judge_tp(cfg, node)
-            stages["evaluate"].append(
-                Request("judge", cfg.sampling.num_cpus_per_engine, tp, 0.9 * node.gpu_mem_gb)
-            )
-    return stages
-
-
-def _uses_gpus(cfg: JobConfig) -> bool:
-    return bool(cfg.sampling.num_gpus_per_engine or cfg.entailment.num_gpus or cfg.train.use_gpu)
-
-
-# Which node types each GPU job config is meant for, and what must hold on them.
-# single_node: stages that must fit one node (NVLink for NCCL; no idle second node).
-PLANS = {
-    "paper.yaml": {
-        "min_gpus_per_node": 8,
-        "stages": ("sample+entailment", "train", "evaluate"),
-        "single_node": ("sample+entailment", "train"),
-    },
-    "label_gpu.yaml": {"min_gpus_per_node": 1, "stages": ("sample+entailment",), "single_node": ()},
-}
-
-
-def test_every_gpu_config_has_a_plan():
-    for path in JOB_CONFIGS:
-        if _uses_gpus(load_config(path)):
-            assert path.name in PLANS, f"{path.name} asks for GPUs: add its node plan to PLANS"
-    assert gpu_node_types(), "no GPU node type declared in cluster/"
-
-
-def _plan_cases() -> list[tuple[str, str, str]]:
-    try:
-        types = gpu_node_types()
-    except Exception as e:  # a broken file fails the tests, not the collection
-        return [(f"unreadable cluster files: {e!r}"[:200], "", "")]
-    return [
-        (name, node.source, node.name)
-        for name, plan in PLANS.items()
-        for node in types
-        if node.gpus >= plan["min_gpus_per_node"]
-    ]
-
-
-def _node(source: str, name: str) -> NodeType:
-    (node,) = [n for n in gpu_node_types() if (n.source, n.name) == (source, name)]
-    return node
-
-
-@pytest.mark.parametrize("config_name, source, node_name", _plan_cases())
-def test_stages_pack_onto_declared_gpu_nodes(config_name, source, node_name):
-    cfg, node, plan = (
-        load_config(REPO / "jobs" / "configs" / config_name),
-        _node(source, node_name),
-        PLANS[config_name],
-    )
-    stages = stage_requests(cfg, node)
-    for stage in plan["stages"]:
-        nodes = place(stages[stage], node)
-        assert len(nodes) <= node.max_workers, (
-            f"{config_name} {stage} needs {len(nodes)} x {node.name}, {source} allows {node.max_workers}"
-        )
-        if stage in plan["single_node"]:
-            assert len(nodes) == 1, f"{config_name} {stage} spills onto {len(nodes)} {node.name} nodes"
-        gpus = sum(r.gpus for r in stages[stage])
-        assert gpus <= node.max_workers * node.gpus
-
-
-@pytest.mark.parametrize("config_name, source, node_name", _plan_cases())
-def test_gpu_memory_fits(config_name, source, node_name):
-    cfg, node = load_config(REPO / "jobs" / "configs" / config_name), _node(source, node_name)
-    s, mem = cfg.sampling, node.gpu_mem_gb
-    tokens = s.max_model_len * (s.num_samples + 1)  # one question's samples at full length
-    assert vllm_fits(s.model, mem, s.gpu_memory_utilization, s.tensor_parallel_size, tokens), (
-        f"{s.model} on {node.gpu_model}: {vllm_kv_gb(s.model, mem, s.gpu_memory_utilization, 1):.1f} GB KV"
-    )
-    # Ray places by GPU fraction alone: whatever lands beside an engine must fit in the memory
-    # vLLM leaves (1 - gpu_memory_utilization, minus the engine's CUDA context).
-    stages = stage_requests(cfg, node)
-    for stage in PLANS[config_name]["stages"]:
-        for n in place(stages[stage], node):
-            assert min(n.gpu_mem) >= 0, (
-                f"{config_name} {stage} on {node.gpu_model}: GPU memory oversubscribed, GB left per GPU: "
-                f"{[round(m, 1) for m in n.gpu_mem]}"
-            )
-    if "train" in PLANS[config_name]["stages"]:
-        assert train_gb(cfg) <= 0.95 * mem, f"training needs {train_gb(cfg):.1f} GB on {node.gpu_model}"
-    if "evaluate" in PLANS[config_name]["stages"] and judge_engine(cfg) is not None:
-        assert judge_tp(cfg, node) <= node.gpus, f"the judge does not fit one {node.name} node"
+    (doc,) = _docs(path)
+    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    theirs = _generate_available_node_types_from_ray_cr_spec(spec)
+    ours = {("headgroup" if t.head else t.name): t for t in read_cluster(path).node_types}
+    assert set(ours) == set(theirs)
+    for name, t in theirs.items():
+        assert dict(ours[name].resources) == {k: float(v) for k, v in t["resources"].items()}, name
+        assert ours[name].max_workers == t["max_workers"], name
+    for group in spec["workerGroupSpecs"]:
+        product = group["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
+        node = ours[group["groupName"]]
+        assert node.gpu_model == GPU_PRODUCTS[product]
+        assert node.accelerators == [GPUS[node.gpu_model].ray_type], "declare the group's accelerator type"
 
 
 def test_memory_model_numbers():
     """The figures the plans rest on (documented so a reader can redo them by hand)."""
-    assert weights_gb("meta-llama/Meta-Llama-3-8B-Instruct") == pytest.approx(16.06)
-    assert weights_gb("meta-llama/Meta-Llama-3-70B-Instruct") == pytest.approx(141.1)
-    assert kv_bytes_per_token("meta-llama/Meta-Llama-3-8B-Instruct") == 128 * 1024  # 128 KiB per token
+    assert weights_gb(LLAMA_8B) == pytest.approx(16.06)
+    assert weights_gb(LLAMA_70B) == pytest.approx(141.1)
+    assert kv_bytes_per_token(LLAMA_8B) == 128 * 1024  # 128 KiB per token
     # An 8B engine fits one 80 GB GPU at 70%: ~38 GB of KV cache, ~290k tokens
-    assert vllm_kv_gb("meta-llama/Meta-Llama-3-8B-Instruct", 80, 0.7, 1) == pytest.approx(37.9, abs=0.1)
+    assert vllm_kv_gb(LLAMA_8B, 80, 0.7, 1) == pytest.approx(37.9, abs=0.1)
+    # ... and vllm_min_gpu_gb solves vllm_fits for the GPU's size
+    need = vllm_min_gpu_gb(LLAMA_8B, 0.7, 1, 11 * 1024)
+    assert vllm_fits(LLAMA_8B, need + 0.01, 0.7, 1, 11 * 1024) and not vllm_fits(
+        LLAMA_8B, need - 0.01, 0.7, 1, 11 * 1024
+    )
     # The 70B judge: the weights alone need TP >= 2 on 80 GB GPUs, >= 4 on 40 GB ones;
     # with vLLM's activation reserve at 90% utilization, TP 4 on H100 80GB, TP 8 on A100 40GB.
-    judge = "meta-llama/Meta-Llama-3-70B-Instruct"
-    assert tp_lower_bound(judge, 80) == 2 and tp_lower_bound(judge, 40) == 4
-    assert judge_tp_needed(judge, 80, 1024) == 4 and judge_tp_needed(judge, 40, 1024) == 8
-    assert judge_tp_needed(judge, 24, 1024) == 8  # never on single-L4 nodes
+    assert tp_lower_bound(LLAMA_70B, 80) == 2 and tp_lower_bound(LLAMA_70B, 40) == 4
+    assert judge_tp_needed(LLAMA_70B, 80, 1024) == 4 and judge_tp_needed(LLAMA_70B, 40, 1024) == 8
+    assert judge_tp_needed(LLAMA_70B, 24, 1024) == 8  # never on single-L4 nodes
     # DeBERTa-v2-xlarge NLI at batch 64 of 328-token pairs: ~8 GB
-    assert nli_gb("microsoft/deberta-v2-xlarge-mnli", 64, 100) == pytest.approx(8.0, abs=1.0)
+    assert nli_gb(DEBERTA, 64, 100) == pytest.approx(8.0, abs=1.0)
     # LoRA r=8 on q_proj and v_proj of Llama-3-8B: 3.4M trainable parameters
-    assert lora_params("meta-llama/Meta-Llama-3-8B-Instruct", 8, ["q_proj", "v_proj"]) == 3_407_872
+    assert lora_params(LLAMA_8B, 8, ["q_proj", "v_proj"]) == 3_407_872
     # A ZeRO-2 LoRA worker, micro batch 6 x 256 tokens: 16 GB weights + ~9 GB activations + logits
-    assert train_gb(load_config(PAPER)) == pytest.approx(27.5, abs=0.5)
+    assert _paper_train_gb(load_config(PAPER)) == pytest.approx(27.5, abs=0.5)
+    # The sizes counted from a config.json (Llama-3-8B's) are the published ones
+    llama_config = {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "intermediate_size": 14336,
+    }
+    counted = arch_from_hf_config(llama_config)
+    assert counted.params_b == pytest.approx(LLAMA_8B.params_b, abs=0.01)
+    assert counted.head_dim == LLAMA_8B.head_dim and counted.kv_heads == LLAMA_8B.kv_heads
+
+
+def _plan(cfg: JobConfig, cluster: str = "cluster/autoscaler/aws.yaml", verb: str = "run"):
+    return plan_phases(job_groups(cfg, verb), read_cluster(REPO / cluster))
 
 
 def test_the_70b_judge_option_needs_its_tensor_parallelism():
-    """paper.yaml's documented 70B judge: with its TP it packs on an 8 x 80 GB node; at TP 1
-    (the key unset, sampling's TP) the code's own engine would not fit, and the plan says so."""
+    """paper.yaml's documented 70B judge: with its TP it runs on its own 4 GPUs beside the engines
+    (a second H100 node); at TP 1 it does not fit an 80 GB GPU, and the plan says so."""
     big = "eval.judge_model=meta-llama/Meta-Llama-3-70B-Instruct"
-    node = next(n for n in gpu_node_types() if n.gpus == 8 and n.gpu_mem_gb >= 80)
-    cfg = load_config(PAPER, [big, "eval.judge_tensor_parallel_size=4"])
-    assert judge_engine(cfg).tensor_parallel_size == 4 and judge_tp(cfg, node) == 4
-    assert len(place(stage_requests(cfg, node)["evaluate"], node)) >= 1
-    with pytest.raises(AssertionError, match="tensor parallelism 1 < 4"):
-        judge_tp(load_config(PAPER, [big, "eval.judge_tensor_parallel_size=null"]), node)
+    plans = {p.phase: p for p in _plan(load_config(PAPER, [big, "eval.judge_tensor_parallel_size=4"]))}
+    judge_nodes = plans["evaluate"].nodes_of("correctness judge")
+    assert len(judge_nodes) == 1 and judge_nodes[0].type.name == "gpu_h100x8"
+    (holds,) = [gpus for g, gpus in judge_nodes[0].holds if g == "correctness judge"]
+    assert len(holds) == 4
+    # TP 1 copies the engines' 0.75 GPU: Ray finds no GPU for it beside eight engines, and on one
+    # to itself 141 GB of weights need more than 80 GB
+    with pytest.raises(PlanError, match="correctness judge"):
+        _plan(load_config(PAPER, [big, "eval.judge_tensor_parallel_size=1"]))
+    alone = load_config(PAPER, [big, "eval.judge_tensor_parallel_size=1", "sampling.num_engines=1"])
+    with pytest.raises(PlanError, match=r"correctness judge would land on .*needs 2\d\d\.\d GB per GPU"):
+        _plan(alone)
 
 
 def test_packing_model_is_not_vacuous():
-    """The layouts the paper config avoids do fail the same checks."""
-    h100 = NodeType("test", "h100x8", "H100-80GB", 8, 64, 4)
-    l4 = NodeType("test", "l4x1", "L4", 1, 8, 8)
+    """The layouts the paper config avoids do fail, or spill, under the same rules."""
     cfg = load_config(PAPER)
+    label = lambda c: {p.phase: p for p in _plan(c)}["label"]  # noqa: E731
+    assert len(label(cfg).launched()) == 1
     # 8 engines x 1 GPU leave no room for the 0.25-GPU NLI actors: a second 8-GPU node.
-    whole = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"num_gpus_per_engine": 1})})
-    assert len(place(stage_requests(whole, h100)["sample+entailment"], h100)) == 2
-    # Best fit piles NLI actors started first onto the same GPUs: engines then spill over.
-    stage = stage_requests(cfg, h100)["sample+entailment"]
-    nli_first = sorted(stage, key=lambda r: r.pool != "nli")
-    assert len(place(stage, h100)) == 1 and len(place(nli_first, h100)) == 2
+    assert len(label(load_config(PAPER, ["sampling.num_gpus_per_engine=1"])).launched()) == 2
     # At vLLM's default 90% utilization an engine leaves 7 GB: too little for a DeBERTa actor.
-    greedy = cfg.model_copy(
-        update={"sampling": cfg.sampling.model_copy(update={"gpu_memory_utilization": 0.9})}
-    )
-    (n,) = place(stage_requests(greedy, h100)["sample+entailment"], h100)
-    assert min(n.gpu_mem) < 0
+    with pytest.raises(PlanError, match="oversubscribed: engines \\+ entailment"):
+        _plan(load_config(PAPER, ["sampling.gpu_memory_utilization=0.9"]))
     # The paper's engines at 70% of a 24 GB L4 leave no KV cache.
-    assert not vllm_fits(cfg.sampling.model, l4.gpu_mem_gb, cfg.sampling.gpu_memory_utilization, 1, 11 * 1024)
+    assert not vllm_fits(LLAMA_8B, GPUS["L4"].memory_gb, cfg.sampling.gpu_memory_utilization, 1, 11 * 1024)
     # Fractional GPU requests above 1 are refused, as Ray refuses them.
-    with pytest.raises(AssertionError, match="fractional"):
-        place([Request("x", 1, 1.5, 0)], h100)
+    with pytest.raises(PlanError, match="fractions above 1"):
+        _plan(load_config(PAPER, ["sampling.num_gpus_per_engine=1.5"]))

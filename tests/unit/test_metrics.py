@@ -1,4 +1,4 @@
-"""Tests for se_ray.metrics: abstention rule, answer matching, judge parsing, AED and bootstrap."""
+"""Tests for se_ray.metrics: answer matching, judge parsing, AED and bootstrap."""
 
 from __future__ import annotations
 
@@ -17,71 +17,12 @@ from se_ray.metrics import (
     contains_correct,
     contains_match,
     exact_match,
-    is_abstention,
     max_f1,
     oracle_aed,
     parse_yes_no,
     score_answers,
     squad_f1,
 )
-
-# ---------------------------------------------------------------------------- abstention
-
-
-@pytest.mark.parametrize(
-    "answer",
-    [
-        "I don't know the answer.",
-        "I don't know the answer",
-        "i don't know the answer.",
-        "I DON'T KNOW THE ANSWER!",
-        "  I   don't know   the answer .  ",
-        "I don't know",
-        "I don't know.",
-        "I do not know",
-        "I do not know the answer.",
-        "i dont know",
-        "I dont know.",
-        "I don’t know",  # typographic apostrophe
-        "I DON’T KNOW THE ANSWER.",
-        "I don't know the answer. Sorry.",
-        "I do not know the answer to that question.",
-        '"I don\'t know the answer."',
-    ],
-)
-def test_is_abstention_accepts_variants(answer: str) -> None:
-    assert is_abstention(answer)
-
-
-@pytest.mark.parametrize(
-    "answer",
-    [
-        "Nobody knows who wrote it.",
-        "I know it is Paris.",
-        "Paris",
-        "",
-        "The answer is: I don't know",
-        "It is unknown.",
-        "I do know: it is Paris.",
-        "I don't knowingly support that.",
-        "I don't know exactly, but it was 1066.",  # commits to a candidate after all
-        "I don't know for sure; I think it is Paris.",
-        "I do not know, probably Lyon.",
-    ],
-)
-def test_is_abstention_rejects_answers(answer: str) -> None:
-    assert not is_abstention(answer)
-
-
-def test_is_abstention_with_custom_text() -> None:
-    text = "I cannot answer that."
-    assert is_abstention("I cannot answer that", abstention_text=text)
-    assert is_abstention("i CANNOT answer that!! Sorry", abstention_text=text)
-    assert is_abstention("I don't know", abstention_text=text)  # the built-in phrases still count
-    assert not is_abstention("I can answer that: Paris", abstention_text=text)
-    # A text that normalises to nothing must not turn every answer into an abstention.
-    assert not is_abstention("Paris", abstention_text="...")
-
 
 # ---------------------------------------------------------------------------- matching
 

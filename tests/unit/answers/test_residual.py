@@ -168,7 +168,7 @@ def test_empty_residuals() -> None:
     "abstention", ["I don't know", "I do not know.", "I’m not sure.", "I don't know the answer."]
 )
 def test_abstention_is_not_an_answer(abstention: str) -> None:
-    assert am.is_abstention(FRANCE, abstention)
+    assert am.analyse(FRANCE, abstention).abstains
     assert both(FRANCE, abstention, "Paris") == (NEUTRAL, NEUTRAL)
     assert not am.equivalent(FRANCE, abstention, "The capital of France is Paris.")
     assert am.equivalent(FRANCE, abstention, "I don't know.")
@@ -177,7 +177,7 @@ def test_abstention_is_not_an_answer(abstention: str) -> None:
 def test_hedged_answer_is_not_an_abstention() -> None:
     q = "When did the Battle of Hastings take place?"
     hedged = "I don't know exactly, but it was 1066."
-    assert not am.is_abstention(q, hedged)
+    assert not am.analyse(q, hedged).abstains
     assert am.equivalent(q, hedged, "1066")
     assert not am.equivalent(q, hedged, "I don't know.")
 

@@ -42,11 +42,16 @@ def test_stage_marker_reuse_resume_and_wipe(tmp_path):
     assert not (tmp_path / "stage" / "partial.txt").exists()
 
 
-def test_stage_marker_unreadable_is_not_cached(tmp_path):
+def test_stage_marker_unreadable_is_an_error_not_absent(tmp_path):
+    """Not "no state": a stage is rerun (and its folder cleared) only when the file is missing
+    (tests/unit/test_stage_state.py covers the rest)."""
+    from se_ray.run.stages import StageStateError
+
     store = Store(str(tmp_path / "stage"))
     store.makedirs()
     (tmp_path / "stage" / "_stage.json").write_text("{not json")
-    assert Stage(store, "k").cached() is None
+    with pytest.raises(StageStateError, match="does not parse as JSON"):
+        Stage(store, "k").cached()
 
 
 def test_run_folders_layout(tmp_path):

@@ -19,11 +19,14 @@ def tokenizer():
 
 
 def test_prompt_is_masked_and_target_plus_eos_is_learned(tokenizer):
-    from se_ray.prompts import render_prompt
+    from se_ray.prompts import question_messages
 
     question = "who wrote the declaration of independence"
     ex = tokenize_example(tokenizer, question, None, ABSTENTION_TEXT, "short", max_length=256)
-    prompt_ids = tokenizer(render_prompt(tokenizer, question, "short"), add_special_tokens=False)["input_ids"]
+    messages = question_messages(question, "short")
+    prompt_ids = list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    )  # Hugging Face's own chat tokenisation (SmolLM2 adds no BOS of its own)
     target_ids = tokenizer(ABSTENTION_TEXT, add_special_tokens=False)["input_ids"]
 
     learned = [t for t in ex["labels"] if t != IGNORE_INDEX]

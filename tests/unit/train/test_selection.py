@@ -73,29 +73,30 @@ def model_and_tokenizer():
 
 def test_batched_greedy_answers_match_one_prompt_at_a_time(model_and_tokenizer):
     """Left padding must not change an answer: positions count from each prompt's first token."""
-    from se_ray.prompts import render_prompt
+    from se_ray.prompts import question_prompt_ids
     from se_ray.train.selection import greedy_answers
 
     model, tokenizer = model_and_tokenizer
     questions = ["What is the capital of France?", "In which country is the city of Lyon?", "2+2?"]
-    prompts = [render_prompt(tokenizer, q, "short") for q in questions]
-    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) == 3  # padding is exercised
+    ids = [question_prompt_ids(tokenizer, q, "short") for q in questions]
+    assert len({len(i) for i in ids}) == 3  # padding is exercised
     model.train()  # the probe runs mid-training: dropout must be off while it decodes, then back on
-    batched = greedy_answers(model, tokenizer, prompts, max_new_tokens=8)
+    batched = greedy_answers(model, tokenizer, ids, max_new_tokens=8)
     assert model.training
     model.eval()
-    assert batched == greedy_one_prompt_at_a_time(model, tokenizer, prompts, max_new_tokens=8)
+    texts = [tokenizer.decode(i) for i in ids]
+    assert batched == greedy_one_prompt_at_a_time(model, tokenizer, texts, max_new_tokens=8)
     assert "Paris" in batched[0]
 
 
 def test_probe_counts_abstentions_by_the_evaluation_rule(model_and_tokenizer):
-    from se_ray.prompts import render_prompt
+    from se_ray.prompts import question_prompt_ids
     from se_ray.train.selection import probe_abstention_rate
 
     model, tokenizer = model_and_tokenizer
     # Asked to say it, the model abstains; asked a fact, it answers.
-    say = render_prompt(tokenizer, "Repeat exactly: I don't know the answer.", "short")
-    fact = render_prompt(tokenizer, "What is the capital of France?", "short")
+    say = question_prompt_ids(tokenizer, "Repeat exactly: I don't know the answer.", "short")
+    fact = question_prompt_ids(tokenizer, "What is the capital of France?", "short")
     rate = probe_abstention_rate(model, tokenizer, [say, fact], "I don't know the answer.", rank=0, world=1)
     assert rate == 0.5
     # Each rank takes every world-th prompt; alone (no process group) a rank counts only its slice.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from se_ray.train.weights import config_dtype
-from se_ray.train.worker import Progress, _param_groups
+from se_ray.train.weights import config_dtype, param_groups
+from se_ray.train.worker import Progress
 
 
 def test_biases_and_norms_get_no_weight_decay():
@@ -15,7 +15,7 @@ def test_biases_and_norms_get_no_weight_decay():
         torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2, bias=False)
     )
     model[0].weight.requires_grad_(False)  # frozen weights are left to the base model
-    groups = _param_groups(model, weight_decay=0.1)
+    groups = param_groups(model, weight_decay=0.1)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert [tuple(p.shape) for p in groups[0]["params"]] == [(2, 4)]
     assert sorted(tuple(p.shape) for p in groups[1]["params"]) == [(4,), (4,), (4,)]
