@@ -53,15 +53,15 @@ def load_train_model(job: JobConfig, ds_config: dict[str, Any]) -> LoadedModel:
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norms (the 1-D parameters)."""
+    """AdamW groups: no weight decay on biases and norms (the 1-D parameters). A parameter that
+    ZeRO-3 loading has already partitioned is judged by its full shape (``ds_shape``); an empty
+    group is left out (DeepSpeed drops it, and the LR scheduler must see the same groups)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def gather_trainable(engine: Any, zero_stage: int, rank: int, dtype: Any = None) -> dict[str, Any] | None:

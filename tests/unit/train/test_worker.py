@@ -21,6 +21,24 @@ def test_biases_and_norms_get_no_weight_decay():
     assert sorted(tuple(p.shape) for p in groups[1]["params"]) == [(4,), (4,), (4,)]
 
 
+def test_zero3_partitioned_parameters_are_grouped_by_their_full_shape():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    for p in model.parameters():  # what zero.Init leaves: an empty local tensor, the shape aside
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    groups = param_groups(model, weight_decay=0.1)
+    assert [(g["weight_decay"], len(g["params"])) for g in groups] == [(0.1, 1), (0.0, 3)]
+
+
+def test_an_empty_group_is_left_out():
+    import torch
+
+    groups = param_groups(torch.nn.LayerNorm(4), weight_decay=0.1)
+    assert [g["weight_decay"] for g in groups] == [0.0]
+
+
 def test_config_dtype_reads_either_spelling():
     import torch
 
