@@ -93,7 +93,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     verbs.add_parser("prepare-models", help="prepare the built-in offline models into the cache")
     _plan_parser(verbs)
+    _engines_parser(verbs)
     return parser
+
+
+def _engines_parser(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "engines", help="start, list or stop shared vLLM engines (detached; for ray.shared_engines=true)"
+    )
+    p.add_argument("action", choices=["start", "list", "stop"])
+    p.add_argument(
+        "--verb",
+        dest="engine_verb",
+        choices=["run", "label", "evaluate"],
+        default="run",
+        help="whose engines: run (LoRA serving when it trains adapters), label or evaluate (default: run)",
+    )
+    p.add_argument("--all", action="store_true", help="stop: every se-ray engine in ray.namespace")
+    p.add_argument("--config", help="YAML job config (default: the built-in CPU quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _engines(args: argparse.Namespace) -> dict[str, Any]:
+    from se_ray import engine_admin
+
+    cfg = load_config(args.config, args.overrides)
+    if args.action == "start":
+        return engine_admin.start_engines(cfg, args.engine_verb)
+    if args.action == "stop":
+        return engine_admin.stop_engines(cfg, args.engine_verb, every=args.all)
+    return engine_admin.list_engines(cfg)
 
 
 def _plan_parser(verbs: Any) -> None:
@@ -176,6 +205,8 @@ def _run_verb(args: argparse.Namespace) -> dict[str, Any]:
         return _prepare_models()
     if args.verb == "plan":
         return _plan(args)
+    if args.verb == "engines":
+        return _engines(args)
     cfg = load_config(args.config, args.overrides)
     output = _output(args, cfg)
     # Cheap checks first: a bad output or labels folder fails in a second, before Ray starts.

@@ -39,6 +39,12 @@ class RayConfig(_Section):
     )
     num_cpus: int | None = Field(2, ge=1, description="CPUs of the local cluster (ignored when joining).")
     namespace: str = Field("se-ray", description="Namespace of named actors (shared engines).")
+    shared_engines: bool = Field(
+        False,
+        description="false: the job's engines live in a namespace of its own and stop with it; true: "
+        "engines are detached actors in `namespace`, named by their settings, reused by every job "
+        "with the same engine settings and left running (start and stop them with `se-ray engines`).",
+    )
 
 
 class StorageConfig(_Section):
@@ -128,8 +134,16 @@ class SamplingConfig(EngineConfig):
     request_timeout_s: float | None = Field(
         600.0,
         gt=0,
-        description="An engine call that runs longer is taken for a hung engine: the engine is "
+        description="An engine call that has run longer, counted by the engine from when it began "
+        "working on it (not while queued or starting), is taken for a hung engine: the engine is "
         "restarted and the call retried (None: wait for ever).",
+        json_schema_extra=OPERATIONAL,
+    )
+    engine_start_timeout_s: float | None = Field(
+        1800.0,
+        gt=0,
+        description="An engine that has not started (model download, load, warm-up) within this long "
+        "of being asked for fails the job (None: wait for ever); start-up never counts as a hung call.",
         json_schema_extra=OPERATIONAL,
     )
     engine_retries: int = Field(

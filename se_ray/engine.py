@@ -1,9 +1,11 @@
 """vLLM engines as named Ray actors, shared by sampling, the LLM judges and evaluation.
 
-An engine is a named actor (``se-ray-llm-<digest>-<i>``) in the configured namespace, so
-a second job on the same cluster with the same engine settings reuses a running engine
-instead of paying its start-up again (the τ sweep, evaluation, the test session). A job
-that started an engine owns it and stops it at the end; a reused one is left running.
+An engine is a named actor ``se-ray-llm-<digest>-<i>``, the digest a hash of its settings. By
+default a job's engines live in a namespace of its own (``<ray.namespace>-job-<job id>``): every
+process of the job (Ray Data replicas, Tune trials) finds them by name, no other job can, and they
+stop with the job. With ``ray.shared_engines`` they are detached actors in ``ray.namespace``: a
+job with the same engine settings reuses running ones and leaves them running, so the τ sweep,
+evaluation or the next job pays no start-up; ``se-ray engines start|list|stop`` manages them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from se_ray.config import EngineConfig, JobConfig, RayConfig, SamplingConfig, StorageConfig
-from se_ray.engine_actor import Completion, EngineFailedError, LLMEngineActor, Rejected, request_params
+from se_ray.engine_actor import (
+    CONTROL_GROUP,
+    Completion,
+    EngineFailedError,
+    LLMEngineActor,
+    Rejected,
+    request_params,
+)
 from se_ray.engine_dispatch import Dispatch, first_line
 
 logger = logging.getLogger(__name__)
@@ -33,8 +42,11 @@ __all__ = [
     "LLMEngineActor",
     "Rejected",
     "acquire_engines",
+    "engine_namespace",
     "request_params",
 ]
+
+ENGINE_PREFIX = "se-ray-llm-"
 
 
 def engine_digest(cfg: EngineConfig) -> str:
@@ -63,7 +75,36 @@ def judge_engine_config(
 
 def engine_names(cfg: SamplingConfig) -> list[str]:
     digest = engine_digest(cfg)
-    return [f"se-ray-llm-{digest}-{i}" for i in range(cfg.num_engines)]
+    return [f"{ENGINE_PREFIX}{digest}-{i}" for i in range(cfg.num_engines)]
+
+
+def engine_namespace(ray_cfg: RayConfig) -> str:
+    """Where a job's engines are named: ``ray.namespace`` for shared engines, else the job's own."""
+    if ray_cfg.shared_engines:
+        return ray_cfg.namespace
+    import ray
+
+    return f"{ray_cfg.namespace}-job-{ray.get_runtime_context().get_job_id()}"
+
+
+def control(handle: Any, method: str) -> Any:
+    """``handle.<method>`` answered from the control group, beside a running call."""
+    return getattr(handle, method).options(concurrency_group=CONTROL_GROUP)
+
+
+def _is_port_clash(e: BaseException) -> bool:
+    text = str(e)
+    return "Address already in use" in text or "EADDRINUSE" in text
+
+
+def tensor_parallel_bundles(cfg: SamplingConfig) -> list[dict[str, float]]:
+    """A TP engine's placement group, one node: the actor (CPUs, no GPU) and its first worker
+    in bundle 0, one GPU per bundle; vLLM's Ray executor places its workers in the group."""
+    accelerator = {f"accelerator_type:{cfg.accelerator_type}": 0.001} if cfg.accelerator_type else {}
+    first = {"GPU": 1.0, "CPU": cfg.num_cpus_per_engine, **accelerator}
+    return [{k: v for k, v in first.items() if v}] + [{"GPU": 1.0, **accelerator}] * (
+        cfg.tensor_parallel_size - 1
+    )
 
 
 @dataclass
@@ -81,7 +122,13 @@ class EnginePool:
     owned: list[str] = field(default_factory=list)
     requested_at: float = field(default_factory=time.time)
     request_timeout_s: float | None = None
+    start_timeout_s: float | None = None
     retries: int = 0
+    # How to start engine k again under its name (a constructor that failed is not restarted by Ray).
+    engine_cfg: EngineConfig | None = None
+    storage: StorageConfig | None = None
+    actor_options: list[dict[str, Any]] = field(default_factory=list)
+    placement_groups: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._cursor = random.randrange(1 << 16)
@@ -128,7 +175,10 @@ class EnginePool:
         each (no restart or retry)."""
         import ray
 
-        n, size = len(self.actors), max(1, -(-len(conversations) // max(1, len(self.actors))))
+        if not self.actors:
+            raise RuntimeError("continuation_logprobs on a released engine pool")
+        n = len(self.actors)
+        size = max(1, -(-len(conversations) // n))
         calls = [
             self.actors[k % n].continuation_logprobs.remote(
                 conversations[s : s + size], continuation, adapter
@@ -141,8 +191,9 @@ class EnginePool:
         return self.actors[k].chat.remote(conversations, params, adapter)
 
     def restart(self, k: int, cause: str, kill: bool = True) -> None:
-        """Kill engine ``k`` so Ray restarts it (its actor has ``max_restarts``), and wait for it;
-        ``kill=False`` for an actor that died, which Ray restarts by itself."""
+        """Kill engine ``k`` so Ray restarts it (its actor has ``max_restarts``), and wait for it
+        to start again (``sampling.engine_start_timeout_s``); ``kill=False`` for an actor that
+        died, which Ray restarts by itself."""
         import ray
         import ray.exceptions as rex
 
@@ -151,7 +202,7 @@ class EnginePool:
             ray.kill(self.actors[k], no_restart=False)
         for attempt in range(RESTART_PROBES):
             try:
-                ray.get(self.actors[k].info.remote())
+                ray.get(control(self.actors[k], "info").remote(), timeout=self.start_timeout_s)
                 return
             except rex.ActorUnavailableError as e:
                 # The probe reached the killed process before this handle saw the restart
@@ -166,10 +217,10 @@ class EnginePool:
         return EngineFailedError(f"engine {self.names[k]} did not come back after {cause}: {first_line(e)}")
 
     def wait_ready(self) -> list[dict[str, Any]]:
-        """Block until every engine has started; raises the error of one that failed to."""
-        import ray
-
-        infos = ray.get([h.info.remote() for h in self.actors])
+        """Block until every engine has started (within ``sampling.engine_start_timeout_s`` of the
+        request); an engine of this pool whose start failed on a port clash is started again (up
+        to ``sampling.engine_retries`` times); any other start failure is raised."""
+        infos = [self._wait_started(k) for k in range(len(self.actors))]
         logger.info(
             "%d vLLM engine(s) ready (engine start %s s)",
             len(infos),
@@ -177,11 +228,41 @@ class EnginePool:
         )
         return infos
 
+    def _wait_started(self, k: int) -> dict[str, Any]:
+        import ray
+        import ray.exceptions as rex
+
+        for attempt in range(self.retries + 1):
+            timeout = None
+            if self.start_timeout_s is not None:
+                timeout = max(1.0, self.start_timeout_s - (time.time() - self.requested_at))
+            try:
+                return ray.get(control(self.actors[k], "info").remote(), timeout=timeout)
+            except rex.GetTimeoutError:
+                raise EngineFailedError(
+                    f"engine {self.names[k]} did not start within "
+                    f"sampling.engine_start_timeout_s={self.start_timeout_s:g}"
+                ) from None
+            except Exception as e:
+                if not (_is_port_clash(e) and self.names[k] in self.owned and attempt < self.retries):
+                    raise
+                logger.warning("engine %s hit a port clash while starting: starting it again", self.names[k])
+                ray.kill(self.actors[k], no_restart=True)
+                self.actors[k] = self._start(k)
+        raise AssertionError("unreachable")
+
+    def _start(self, k: int) -> Any:
+        import ray
+
+        remote = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(LLMEngineActor)
+        return remote.options(**self.actor_options[k]).remote(self.engine_cfg, self.storage)
+
     def ready_after_s(self) -> float:
         """Seconds from the request to the last engine being ready (0 for engines already running)."""
         return max(0.0, *(i["ready_at"] - self.requested_at for i in self.wait_ready()))
 
     def release(self, timeout_s: float = 20.0) -> None:
+        """Stop the engines this pool started (its ``owned`` ones) and free their placement groups."""
         import ray
 
         for name, handle in zip(self.names, self.actors, strict=True):
@@ -192,54 +273,50 @@ class EnginePool:
             except Exception as e:  # the engine may already be gone; killing it is what matters
                 logger.warning("engine %s did not shut down cleanly: %s", name, first_line(e))
             ray.kill(handle)
-        self.owned = []
-        self.actors = []
+        for pg in self.placement_groups:
+            ray.util.remove_placement_group(pg)
+        self.owned, self.actors, self.placement_groups = [], [], []
 
 
 def acquire_engines(
     cfg: SamplingConfig,
     ray_cfg: RayConfig,
-    detached: bool = False,
+    detached: bool | None = None,
     wait: bool = True,
     storage: StorageConfig | None = None,
 ) -> EnginePool:
     """Reuse running engines with these settings, start the missing ones, wait until ready.
 
-    ``wait=False`` returns at once: calls queue behind the engines' start-up, so a caller can
-    start its other actors meanwhile (and ``wait_ready`` later for a clear start-up error).
-    ``storage``: how the engines reach model and adapter URIs (each copies them to its own node).
+    Engines are named in ``engine_namespace(ray_cfg)``. ``detached`` (default:
+    ``ray.shared_engines``) starts them detached, owned by no job: they outlive this process and
+    ``release`` leaves them running. ``wait=False`` returns at once: calls queue behind the
+    engines' start-up, so a caller can start its other actors meanwhile (and ``wait_ready``
+    later for a clear start-up error). ``storage``: how the engines reach model and adapter URIs
+    (each copies them to its own node).
     """
     import ray
 
+    detached = ray_cfg.shared_engines if detached is None else detached
+    namespace = engine_namespace(ray_cfg)
     pool = EnginePool(
         names=engine_names(cfg),
-        namespace=ray_cfg.namespace,
+        namespace=namespace,
         request_timeout_s=cfg.request_timeout_s,
+        start_timeout_s=cfg.engine_start_timeout_s,
         retries=cfg.engine_retries,
+        engine_cfg=cfg.engine,
+        storage=storage,
     )
-    handles = pool.actors
-    for name in pool.names:
+    for k, name in enumerate(pool.names):
         try:
-            handles.append(ray.get_actor(name, namespace=ray_cfg.namespace))
+            pool.actors.append(ray.get_actor(name, namespace=namespace))
+            pool.actor_options.append({})  # not ours to start again
             logger.info("reusing running vLLM engine %s", name)
             continue
         except ValueError:
             pass
-        gpus = cfg.num_gpus_per_engine if cfg.tensor_parallel_size == 1 else 0
-        options: dict[str, Any] = dict(
-            name=name,
-            namespace=ray_cfg.namespace,
-            num_cpus=cfg.num_cpus_per_engine,
-            num_gpus=gpus,
-            max_concurrency=1,
-            max_restarts=-1,  # restarts are bounded per call by engine_retries (Dispatch)
-            runtime_env={"env_vars": dict(cfg.env)} if cfg.env else None,
-        )
-        if cfg.accelerator_type:
-            options["accelerator_type"] = cfg.accelerator_type
-        if detached:
-            options["lifetime"] = "detached"
-        handles.append(ray.remote(LLMEngineActor).options(**options).remote(cfg.engine, storage))
+        pool.actor_options.append(_actor_options(cfg, name, namespace, detached, pool))
+        pool.actors.append(pool._start(k))
         if not detached:
             pool.owned.append(name)
         logger.info("starting vLLM engine %s for %s", name, cfg.model)
@@ -250,6 +327,43 @@ def acquire_engines(
             pool.release()
             raise
     return pool
+
+
+def _actor_options(
+    cfg: SamplingConfig, name: str, namespace: str, detached: bool, pool: EnginePool
+) -> dict[str, Any]:
+    options: dict[str, Any] = dict(
+        name=name,
+        namespace=namespace,
+        num_cpus=cfg.num_cpus_per_engine,
+        num_gpus=cfg.num_gpus_per_engine,
+        max_concurrency=1,
+        max_restarts=-1,  # restarts are bounded per call by engine_retries (Dispatch)
+        runtime_env={"env_vars": dict(cfg.env)} if cfg.env else None,
+    )
+    if cfg.accelerator_type:
+        options["accelerator_type"] = cfg.accelerator_type
+    if detached:
+        options["lifetime"] = "detached"
+    if cfg.tensor_parallel_size > 1:
+        # The actor and its TP workers in one placement group, made here and freed by release()
+        # (a shared engine's group is detached with it); the actor itself takes no GPU.
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = placement_group(
+            tensor_parallel_bundles(cfg), strategy="STRICT_PACK", lifetime="detached" if detached else None
+        )
+        if not detached:
+            pool.placement_groups.append(pg)
+        options.pop("accelerator_type", None)  # the bundles carry it
+        options.update(
+            num_gpus=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+            ),
+        )
+    return options
 
 
 class Engines:

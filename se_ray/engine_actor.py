@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,14 +80,29 @@ class EngineFailedError(RuntimeError):
     """An engine died or stopped answering, and its restarts are spent."""
 
 
+# The engine's calls run one at a time in Ray's default group; heartbeat and info answer from
+# this group beside a running call (an actor runs no method before its constructor returns).
+CONTROL_GROUP = "control"
+# vLLM scans upward from VLLM_PORT for the ports it opens: a random base per engine keeps engines
+# that start at once on one node off each other's ports (vllm-project/vllm#43206).
+ENGINE_PORT_RANGE = (20000, 60000)
+
+
+def engine_port_base(rng: random.Random | None = None) -> int:
+    low, high = ENGINE_PORT_RANGE
+    return (rng or random.SystemRandom()).randrange(low, high, 64)
+
+
 class LLMEngineActor:
     """One vLLM engine (one GPU, a tensor-parallel group, or the CPU build)."""
 
     def __init__(self, cfg: EngineConfig, storage: StorageConfig | None = None):
         """``storage``: how this node reaches the URIs of models and adapters (S3 endpoint etc.)."""
         started = time.perf_counter()
+        self._busy_since: float | None = None
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.update(cfg.env)
+        os.environ.setdefault("VLLM_PORT", str(engine_port_base()))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, cfg.kv_cache_space_gb))))
         from vllm import LLM
 
@@ -121,6 +139,19 @@ class LLMEngineActor:
             "pid": os.getpid(),
         }
 
+    def heartbeat(self) -> dict[str, float | None]:
+        """How long the current call has run (None: idle); answered beside it (``CONTROL_GROUP``)."""
+        since = self._busy_since
+        return {"busy_s": None if since is None else time.monotonic() - since}
+
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy_since = None
+
     def _lora_request(self, adapter: str | None):
         """``adapter``: a URI or a shared-filesystem path, materialised on this node. vLLM keeps
         a loaded adapter by its id, so the id follows the copy's content key: an adapter
@@ -148,6 +179,12 @@ class LLMEngineActor:
         arguments; returns, per conversation, its ``n`` completions with their token log-prob
         sums, or ``Rejected`` where the prompt and its answer budget do not fit the context.
         """
+        with self._busy():
+            return self._chat(conversations, params, adapter)
+
+    def _chat(
+        self, conversations: list[list[dict[str, str]]], params: list[dict[str, Any]], adapter: str | None
+    ) -> list[list[Completion] | Rejected]:
         from se_ray.prompts import chat_prompt_ids
 
         prompts = [chat_prompt_ids(self.tokenizer, c) for c in conversations]
@@ -214,6 +251,12 @@ class LLMEngineActor:
         the CPU engine core and drops an lm_head adapter's delta on GPU (vllm-project/vllm#16668,
         #51594), while sampled log-probs are right.
         """
+        with self._busy():
+            return self._continuation_logprobs(conversations, continuation, adapter)
+
+    def _continuation_logprobs(
+        self, conversations: list[list[dict[str, str]]], continuation: str, adapter: str | None
+    ) -> list[float | Rejected]:
         from vllm import SamplingParams
 
         from se_ray.prompts import chat_prompt_ids

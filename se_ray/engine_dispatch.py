@@ -4,9 +4,13 @@ isolated, a dead or hung engine restarted and its rows retried (``EnginePool.cha
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from se_ray.engine_actor import EngineFailedError, Rejected
+from se_ray.engine_actor import CONTROL_GROUP, EngineFailedError, Rejected
+from se_ray.engine_clock import Heartbeat, hung_cause
+
+HEARTBEAT_EVERY_S = 2.0
 
 
 def first_line(e: BaseException) -> str:
@@ -30,10 +34,25 @@ def _actor_gone(e: BaseException) -> bool:
     return isinstance(e, rex.RayActorError) and not isinstance(e, rex.ActorUnavailableError)
 
 
+@dataclass
+class _Watch:
+    """What one engine's heartbeats said during one dispatch."""
+
+    pending: Any = None
+    sent_at: float = float("-inf")
+    last: Heartbeat | None = None
+    started: bool = False
+
+
 class Dispatch:
     """Runs chunks of rows over a pool's engines: one call in flight per engine, a chunk that
     fails is split until the failing rows stand alone (they become ``Rejected``), an engine that
-    dies or exceeds the timeout is restarted and its chunk retried."""
+    dies or hangs is restarted and its chunk retried.
+
+    Hung is judged from the engine's heartbeat (``hung_cause``): a call that has *run* longer
+    than ``request_timeout_s`` by the engine's own count, or silence, within the start-up budget
+    until the engine first answers; a call queued behind another caller's or behind start-up
+    is not hung."""
 
     def __init__(self, pool: Any, conversations: list, params: list, adapter: str | None, out: list):
         self.pool, self.conversations, self.params, self.adapter, self.out = (
@@ -44,6 +63,7 @@ class Dispatch:
             out,
         )
         self.failures: dict[int, int] = {}  # engine index -> restarts in this call
+        self.watches: dict[int, _Watch] = {}
 
     def run(self, todo: list[list[int]]) -> None:
         import ray
@@ -51,26 +71,44 @@ class Dispatch:
         n = len(self.pool.actors)
         free = [(self.pool._cursor + k) % n for k in range(n)]
         self.pool._cursor += 1
-        flight: dict[Any, tuple[int, list[int], float]] = {}
+        flight: dict[Any, tuple[int, list[int]]] = {}
         while todo or flight:
             while todo and free:
                 k, rows = free.pop(0), todo.pop(0)
                 ref = self.pool._call(
                     k, [self.conversations[i] for i in rows], [self.params[i] for i in rows], self.adapter
                 )
-                flight[ref] = (k, rows, time.monotonic())
+                flight[ref] = (k, rows)
             ready, _ = ray.wait(list(flight), num_returns=1, timeout=1.0)
             for ref in ready:
-                k, rows, _ = flight.pop(ref)
+                k, rows = flight.pop(ref)
                 free.append(k)
                 todo[:0] = self._settle(ref, k, rows)
-            for ref, (k, rows, started) in list(flight.items()):
-                timeout = self.pool.request_timeout_s
-                if timeout and time.monotonic() - started > timeout:
+            for ref, (k, rows) in list(flight.items()):
+                cause = self._hung(k)
+                if cause:
                     del flight[ref]
-                    self._restart(k, f"no answer within sampling.request_timeout_s={timeout:g}")
+                    self._restart(k, cause)
                     free.append(k)
                     todo.insert(0, rows)
+
+    def _hung(self, k: int) -> str | None:
+        """Poll engine ``k``'s heartbeat (one in flight at a time); why it counts as hung, if it does."""
+        import ray
+
+        w = self.watches.setdefault(k, _Watch())
+        now = time.monotonic()
+        if w.pending is not None and ray.wait([w.pending], timeout=0)[0]:
+            try:
+                w.last, w.started = Heartbeat(**ray.get(w.pending)), True
+            except Exception:  # the engine died: its call reports it; it starts over
+                w.last, w.started = None, False
+            w.pending = None
+        if w.pending is None and now - w.sent_at >= HEARTBEAT_EVERY_S:
+            actor = self.pool.actors[k]
+            w.pending, w.sent_at = actor.heartbeat.options(concurrency_group=CONTROL_GROUP).remote(), now
+        silent_s = now - w.sent_at if w.pending is not None else 0.0
+        return hung_cause(w.last, silent_s, w.started, self.pool.request_timeout_s, self.pool.start_timeout_s)
 
     def _settle(self, ref: Any, k: int, rows: list[int]) -> list[list[int]]:
         """Store a finished call's results; returns the chunks to run again."""
@@ -99,4 +137,5 @@ class Dispatch:
                 f"engine {self.pool.names[k]} failed {self.failures[k]} times "
                 f"(sampling.engine_retries={self.pool.retries}); last: {cause}"
             )
+        self.watches.pop(k, None)
         self.pool.restart(k, cause, kill)

@@ -25,9 +25,9 @@ SVAMP = SHARED / "data" / "svamp" / "SVAMP.json"
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
 SE_RAY_BIN = str(Path(sys.executable).with_name("se-ray"))
 
-# Every test job uses these engine settings, so it reuses the session's one vLLM engine
-# (engines are named by their settings). LoRA is on so evaluation can serve adapters.
-ENGINE_OVERRIDES = ["sampling.enable_lora=true"]
+# Every test job uses these engine settings, so it reuses the session's one vLLM engine: a shared
+# engine (detached, named by its settings; LoRA on so evaluation can serve adapters).
+ENGINE_OVERRIDES = ["sampling.enable_lora=true", "ray.shared_engines=true"]
 # 4 logical CPUs on 2 cores: the session engine (1 CPU) stays up while a job's
 # entailment actor or two training workers are scheduled beside it.
 TEST_CLUSTER_CPUS = 4
@@ -106,14 +106,40 @@ def test_config(*overrides: str):
 
 @pytest.fixture(scope="session")
 def engine(ray_address):
-    """The session's one vLLM engine (detached, named); jobs with ENGINE_OVERRIDES reuse it."""
+    """The session's one vLLM engine, started by `se-ray engines start` in a process that then
+    exits (a shared engine outlives whoever started it); jobs with ENGINE_OVERRIDES reuse it."""
     from se_ray.engine import acquire_engines
+    from se_ray.engine_admin import stop_engines
 
     cfg = test_config()
-    pool = acquire_engines(cfg.sampling, cfg.ray, detached=True)
+    flags = [a for o in ENGINE_OVERRIDES for a in ("--set", o)]
+    started = run_cli("engines", "start", "--verb", "label", *flags)
+    assert started.returncode == 0, started.stderr[-3000:]
+    pool = acquire_engines(cfg.sampling, cfg.ray)
+    assert pool.owned == [], "the session engine must be found running, not started here"
     yield pool
-    pool.owned = list(pool.names)  # started detached for the session: stop it now
-    pool.release()
+    stop_engines(cfg, "label")
+
+
+@pytest.fixture(autouse=True)
+def _stop_shared_engines_a_test_started(request):
+    """A job with ENGINE_OVERRIDES but other engine settings starts shared engines and leaves them
+    running, as it should; here they would hold the session cluster's CPUs: stop them after the
+    test (all but the session engine)."""
+    yield
+    if "ray_address" not in request.fixturenames:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from se_ray.engine import engine_names
+    from se_ray.engine_admin import stop_engines
+
+    cfg = test_config()
+    stopped = stop_engines(cfg, every=True, keep=frozenset(engine_names(cfg.sampling)))["stopped"]
+    if stopped:
+        print(f"stopped shared engines the test left running: {stopped}")
 
 
 @pytest.fixture

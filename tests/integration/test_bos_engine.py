@@ -47,7 +47,7 @@ def bos_engine(ray_address, bos_model):
     sampling = cfg.sampling.model_copy(
         update=dict(model=str(bos_model), dtype="float32", max_model_len=256, kv_cache_space_gb=1.0)
     )
-    pool = acquire_engines(sampling, cfg.ray)
+    pool = acquire_engines(sampling, cfg.ray.model_copy(update={"shared_engines": False}))
     yield pool
     pool.release()
 
