@@ -28,6 +28,7 @@ from se_ray.engine_actor import (
     request_params,
 )
 from se_ray.engine_dispatch import Dispatch, first_line
+from se_ray.engine_placement import engine_actor_options
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +96,6 @@ def control(handle: Any, method: str) -> Any:
 def _is_port_clash(e: BaseException) -> bool:
     text = str(e)
     return "Address already in use" in text or "EADDRINUSE" in text
-
-
-def tensor_parallel_bundles(cfg: SamplingConfig) -> list[dict[str, float]]:
-    """A TP engine's placement group, one node: the actor (CPUs, no GPU) and its first worker
-    in bundle 0, one GPU per bundle; vLLM's Ray executor places its workers in the group."""
-    accelerator = {f"accelerator_type:{cfg.accelerator_type}": 0.001} if cfg.accelerator_type else {}
-    first = {"GPU": 1.0, "CPU": cfg.num_cpus_per_engine, **accelerator}
-    return [{k: v for k, v in first.items() if v}] + [{"GPU": 1.0, **accelerator}] * (
-        cfg.tensor_parallel_size - 1
-    )
 
 
 @dataclass
@@ -281,22 +272,21 @@ class EnginePool:
 def acquire_engines(
     cfg: SamplingConfig,
     ray_cfg: RayConfig,
-    detached: bool | None = None,
     wait: bool = True,
     storage: StorageConfig | None = None,
 ) -> EnginePool:
     """Reuse running engines with these settings, start the missing ones, wait until ready.
 
-    Engines are named in ``engine_namespace(ray_cfg)``. ``detached`` (default:
-    ``ray.shared_engines``) starts them detached, owned by no job: they outlive this process and
-    ``release`` leaves them running. ``wait=False`` returns at once: calls queue behind the
-    engines' start-up, so a caller can start its other actors meanwhile (and ``wait_ready``
-    later for a clear start-up error). ``storage``: how the engines reach model and adapter URIs
-    (each copies them to its own node).
+    Engines are named in ``engine_namespace(ray_cfg)``. With ``ray.shared_engines`` they start
+    detached, owned by no job: they outlive this process and ``release`` leaves them running
+    (a detached engine in a job's own namespace could never be found again). ``wait=False``
+    returns at once: calls queue behind the engines' start-up, so a caller can start its other
+    actors meanwhile (and ``wait_ready`` later for a clear start-up error). ``storage``: how the
+    engines reach model and adapter URIs (each copies them to its own node).
     """
     import ray
 
-    detached = ray_cfg.shared_engines if detached is None else detached
+    detached = ray_cfg.shared_engines
     namespace = engine_namespace(ray_cfg)
     pool = EnginePool(
         names=engine_names(cfg),
@@ -315,7 +305,7 @@ def acquire_engines(
             continue
         except ValueError:
             pass
-        pool.actor_options.append(_actor_options(cfg, name, namespace, detached, pool))
+        pool.actor_options.append(engine_actor_options(cfg, name, namespace, detached, pool.placement_groups))
         pool.actors.append(pool._start(k))
         if not detached:
             pool.owned.append(name)
@@ -327,43 +317,6 @@ def acquire_engines(
             pool.release()
             raise
     return pool
-
-
-def _actor_options(
-    cfg: SamplingConfig, name: str, namespace: str, detached: bool, pool: EnginePool
-) -> dict[str, Any]:
-    options: dict[str, Any] = dict(
-        name=name,
-        namespace=namespace,
-        num_cpus=cfg.num_cpus_per_engine,
-        num_gpus=cfg.num_gpus_per_engine,
-        max_concurrency=1,
-        max_restarts=-1,  # restarts are bounded per call by engine_retries (Dispatch)
-        runtime_env={"env_vars": dict(cfg.env)} if cfg.env else None,
-    )
-    if cfg.accelerator_type:
-        options["accelerator_type"] = cfg.accelerator_type
-    if detached:
-        options["lifetime"] = "detached"
-    if cfg.tensor_parallel_size > 1:
-        # The actor and its TP workers in one placement group, made here and freed by release()
-        # (a shared engine's group is detached with it); the actor itself takes no GPU.
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        pg = placement_group(
-            tensor_parallel_bundles(cfg), strategy="STRICT_PACK", lifetime="detached" if detached else None
-        )
-        if not detached:
-            pool.placement_groups.append(pg)
-        options.pop("accelerator_type", None)  # the bundles carry it
-        options.update(
-            num_gpus=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
-            ),
-        )
-    return options
 
 
 class Engines:

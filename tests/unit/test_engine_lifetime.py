@@ -43,7 +43,7 @@ def test_engine_port_bases_stay_in_range_and_spread():
 
 def test_a_tensor_parallel_engine_asks_one_node_for_a_bundle_per_gpu():
     from se_ray.config import load_config
-    from se_ray.engine import tensor_parallel_bundles
+    from se_ray.engine_placement import tensor_parallel_bundles
 
     cfg = load_config(
         None,
