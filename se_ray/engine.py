@@ -25,6 +25,7 @@ from se_ray.engine_actor import (
     EngineFailedError,
     LLMEngineActor,
     Rejected,
+    control,
     request_params,
 )
 from se_ray.engine_dispatch import Dispatch, first_line
@@ -86,11 +87,6 @@ def engine_namespace(ray_cfg: RayConfig) -> str:
     import ray
 
     return f"{ray_cfg.namespace}-job-{ray.get_runtime_context().get_job_id()}"
-
-
-def control(handle: Any, method: str) -> Any:
-    """``handle.<method>`` answered from the control group, beside a running call."""
-    return getattr(handle, method).options(concurrency_group=CONTROL_GROUP)
 
 
 def _is_port_clash(e: BaseException) -> bool:

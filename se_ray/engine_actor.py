@@ -83,6 +83,13 @@ class EngineFailedError(RuntimeError):
 # The engine's calls run one at a time in Ray's default group; heartbeat and info answer from
 # this group beside a running call (an actor runs no method before its constructor returns).
 CONTROL_GROUP = "control"
+
+
+def control(handle: Any, method: str) -> Any:
+    """``handle.<method>`` answered from the control group, beside a running call."""
+    return getattr(handle, method).options(concurrency_group=CONTROL_GROUP)
+
+
 # vLLM scans upward from VLLM_PORT for the ports it opens: a random base per engine keeps engines
 # that start at once on one node off each other's ports (vllm-project/vllm#43206).
 ENGINE_PORT_RANGE = (20000, 60000)

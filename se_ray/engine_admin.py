@@ -8,14 +8,11 @@ and the same engine settings then use them and leave them running; ``stop`` ends
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from se_ray.config import JobConfig, SamplingConfig
-from se_ray.engine import ENGINE_PREFIX, Engines, control, engine_names
+from se_ray.engine import ENGINE_PREFIX, EnginePool, Engines, control, engine_names
 from se_ray.engine_dispatch import first_line
-
-logger = logging.getLogger(__name__)
 
 
 def shared(cfg: JobConfig) -> JobConfig:
@@ -58,18 +55,22 @@ def start_engines(cfg: JobConfig, verb: str = "run") -> dict[str, Any]:
     return {"namespace": cfg.ray.namespace, "engines": started}
 
 
+def _named_engines() -> list[dict[str, str]]:
+    """``{"name", "namespace"}`` of every se-ray engine on the cluster."""
+    from ray.util import list_named_actors
+
+    return [e for e in list_named_actors(all_namespaces=True) if e["name"].startswith(ENGINE_PREFIX)]
+
+
 def list_engines(cfg: JobConfig, probe_timeout_s: float = 5.0) -> dict[str, Any]:
     """Every se-ray engine on the cluster, in every namespace, and whether it answers."""
     import ray
-    from ray.util import list_named_actors
 
     from se_ray.runtime import ensure_ray
 
     ensure_ray(cfg.ray)
     rows = []
-    for entry in list_named_actors(all_namespaces=True):
-        if not entry["name"].startswith(ENGINE_PREFIX):
-            continue
+    for entry in _named_engines():
         row: dict[str, Any] = {"name": entry["name"], "namespace": entry["namespace"]}
         try:
             handle = ray.get_actor(entry["name"], namespace=entry["namespace"])
@@ -89,7 +90,6 @@ def stop_engines(
     """Stop the shared engines of ``verb`` (``every``: all se-ray engines in ``ray.namespace``),
     except those named in ``keep``."""
     import ray
-    from ray.util import list_named_actors
 
     from se_ray.runtime import ensure_ray
 
@@ -97,23 +97,17 @@ def stop_engines(
     ensure_ray(cfg.ray)
     namespace = cfg.ray.namespace
     if every:
-        names = [
-            e["name"]
-            for e in list_named_actors(all_namespaces=True)
-            if e["namespace"] == namespace and e["name"].startswith(ENGINE_PREFIX)
-        ]
+        names = [e["name"] for e in _named_engines() if e["namespace"] == namespace]
     else:
         names = [n for c in verb_engine_configs(cfg, verb) for n in engine_names(c)]
-    stopped = []
+    found = EnginePool(names=[], namespace=namespace)
     for name in (n for n in names if n not in keep):
         try:
-            handle = ray.get_actor(name, namespace=namespace)
+            found.actors.append(ray.get_actor(name, namespace=namespace))
         except ValueError:
             continue
-        try:
-            ray.get(handle.shutdown.remote(), timeout=20)
-        except Exception as e:  # killing it is what matters
-            logger.warning("engine %s did not shut down cleanly: %s", name, first_line(e))
-        ray.kill(handle)
-        stopped.append(name)
+        found.names.append(name)
+    stopped = list(found.names)
+    found.owned = stopped  # stopping them is what was asked: release them as if started here
+    found.release()
     return {"namespace": namespace, "stopped": stopped}

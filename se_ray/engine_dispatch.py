@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from se_ray.engine_actor import CONTROL_GROUP, EngineFailedError, Rejected
+from se_ray.engine_actor import EngineFailedError, Rejected, control
 from se_ray.engine_clock import Heartbeat, hung_cause
 
 HEARTBEAT_EVERY_S = 2.0
@@ -105,8 +105,7 @@ class Dispatch:
                 w.last, w.started = None, False
             w.pending = None
         if w.pending is None and now - w.sent_at >= HEARTBEAT_EVERY_S:
-            actor = self.pool.actors[k]
-            w.pending, w.sent_at = actor.heartbeat.options(concurrency_group=CONTROL_GROUP).remote(), now
+            w.pending, w.sent_at = control(self.pool.actors[k], "heartbeat").remote(), now
         silent_s = now - w.sent_at if w.pending is not None else 0.0
         return hung_cause(w.last, silent_s, w.started, self.pool.request_timeout_s, self.pool.start_timeout_s)
 
