@@ -47,7 +47,7 @@ from se_ray.lease_records import (
     stale_reason,
 )
 from se_ray.lease_stores import LeaseStore, store_for
-from se_ray.storage import filesystem, is_uri, on_commit
+from se_ray.storage import absolute, filesystem, is_uri, on_commit
 
 if TYPE_CHECKING:
     from se_ray.config import StorageConfig
@@ -202,7 +202,7 @@ class OutputLease:
         lease = self._outer or self
         if lease.record is None:
             raise RuntimeError(f"the lease on {self.location} is not held")
-        return LeaseClaim(lease.location, lease.storage, lease.record.token)
+        return LeaseClaim(absolute(lease.location), lease.storage, lease.record.token)
 
     def release(self) -> None:
         if self._outer is not None:

@@ -24,6 +24,11 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def absolute(location: str) -> str:
+    """A local path made absolute (a Tune trial runs in another working directory); URIs as given."""
+    return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
 def filesystem(path: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for ``path`` and the path inside it."""
     import pyarrow.fs as pafs
@@ -39,7 +44,7 @@ def filesystem(path: str, storage: StorageConfig | None = None) -> tuple[pafs.Fi
     if is_uri(path):
         fs, inner = pafs.FileSystem.from_uri(path)
         return fs, inner.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    return pafs.LocalFileSystem(), absolute(path)
 
 
 def join(base: str, *parts: str) -> str:
@@ -163,7 +168,7 @@ class Store:
     filesystem on the other side."""
 
     def __init__(self, location: str, storage: StorageConfig | None = None):
-        self.location = location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+        self.location = absolute(location)
         self.storage = storage or StorageConfig()
         self.fs, self.path = filesystem(self.location, self.storage)
 

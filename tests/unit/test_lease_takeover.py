@@ -192,6 +192,20 @@ def test_a_trial_process_checks_the_drivers_lease(first_run, takeovers, tmp_path
     assert (out / "trial-1.json").exists() and not (out / "trial-2.json").exists()
 
 
+def test_a_trial_in_another_working_directory_finds_a_relative_outputs_lease(tmp_path, monkeypatch):
+    """`se-ray run --output out/x`: Tune starts each trial in its own folder, where the driver's
+    relative path names nothing; the claim it checks carries the absolute one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "run").mkdir(parents=True)
+    with OutputLease("out/run", heartbeat_s=3600) as lease:
+        claim = pickle.loads(pickle.dumps(lease.claim()))
+        trial_dir = tmp_path / "trial"
+        trial_dir.mkdir()
+        monkeypatch.chdir(trial_dir)
+        claim.check()  # raised "its lease was deleted" while the claim held "out/run"
+        assert claim.location == str(tmp_path / "out" / "run")
+
+
 def test_adopted_claims_are_dropped_on_exit(first_run, takeovers, tmp_path):
     out, lease = first_run
     claims = held_claims()
