@@ -154,11 +154,18 @@ def _run_node_loss(cluster, helper, engine_settings, head, worker, nq_dev, tmp_p
     proc = _label(cluster, args, tmp_path / "stdout1", tmp_path / "stderr1")
     with killed_at_exit(proc):
         job_started = time.monotonic()
+        names = {head: "head", worker: "worker"}
+        placed: dict[str, list[str]] = {}
+
+        def both_placed() -> bool:  # the entailment actor can be done and gone by the first commit
+            for c in (ENGINE, ENTAILMENT):
+                placed[c] = sorted(names.get(n, n) for n in _node_of(cluster, c))
+            return all(placed.values())
+
+        wait_for("an entailment actor alive", both_placed, lambda: proc.poll() is None, 600)
+        assert placed == {ENGINE: ["worker"], ENTAILMENT: ["worker"]}  # what the node loss takes down
         wait_for("a committed part", lambda: len(committed_ids(out)) > 0, lambda: proc.poll() is None, 600)
         at_kill = len(committed_ids(out))
-        names = {head: "head", worker: "worker"}
-        placed = {c: sorted(names.get(n, n) for n in _node_of(cluster, c)) for c in (ENGINE, ENTAILMENT)}
-        assert placed == {ENGINE: ["worker"], ENTAILMENT: ["worker"]}  # what the node loss takes down
         raylet = _raylet_of(cluster.procs[1])
         raylet.send_signal(signal.SIGKILL)
         killed = time.monotonic()
