@@ -2,7 +2,7 @@
 
     python bench/label_throughput.py                       # 32 NQ questions, M=10, 32 tokens
     python bench/label_throughput.py --questions 256 --skip reference
-    python bench/label_throughput.py --set sampling.env.VLLM_CPU_NUM_OF_RESERVED_CPU=0
+    python bench/label_throughput.py --set sampling.cpu_reserved_cores=1   # vLLM's own default here
 
 Each system runs in its own subprocess, one after the other, so that each one's memory
 (summed RSS over its process tree, Ray workers and vLLM engine processes included) and
@@ -224,6 +224,7 @@ def worker_reference(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = _load_cfg(spec)
     s, e = cfg.sampling, cfg.entailment
+    torch.set_num_threads(spec["reference_threads"])
     started = time.perf_counter()
     path = resolve_model(s.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -577,6 +578,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ray-address", help="run the se-ray parts on this Ray cluster, not a fresh local one")
     p.add_argument("--reference-limit", type=int, help="the slow reference loop: only the first N questions")
+    p.add_argument(
+        "--reference-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads of the reference loop (default: every core; its best here)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per part")
     p.add_argument("--workdir", help="keep spec, logs and labels here (default: a temporary folder)")
     p.add_argument("--note", default="", help="free text stored in the JSON line")
@@ -610,6 +617,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": args.config,
         "input": str(questions_path),
         "reference_limit": args.reference_limit,
+        "reference_threads": args.reference_threads,
         "overrides": [*overrides, "data.format=jsonl", "data.limit=null"]
         + ([f"ray.address={args.ray_address}"] if args.ray_address else []),
     }
@@ -622,6 +630,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "input": args.input,
         "questions": n,
         "reference_limit": args.reference_limit,
+        "reference_threads": args.reference_threads,
+        "cpu_reserved_cores": cfg.sampling.cpu_reserved_cores,
         "num_samples": args.num_samples,
         "max_tokens": args.max_tokens,
         "tau": cfg.labeling.tau,

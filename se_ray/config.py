@@ -7,6 +7,7 @@ loads no torch, vllm, deepspeed or ray.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -105,6 +106,15 @@ class EngineConfig(_Section):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM arguments.")
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment of the engine actors.", json_schema_extra=OPERATIONAL
+    )
+    cpu_reserved_cores: int | None = Field(
+        None,
+        ge=0,
+        description="vLLM's CPU build: cores of the engine's node kept off its OpenMP threads "
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU; the engine binds one thread to each other core). None: the "
+        "Ray CPUs the job's entailment actors ask for when their judge runs a model on CPU, rounded "
+        "up, else 0 (the residual and LLM judges need no core of their own). GPU engines ignore it.",
+        json_schema_extra=OPERATIONAL,
     )
 
 
@@ -317,10 +327,21 @@ class JobConfig(_Section):
             )
         if self.sampling.early_stop and self.labeling.method != "semantic_entropy":
             raise ValueError("sampling.early_stop=true needs labeling.method=semantic_entropy")
+        if self.sampling.cpu_reserved_cores is None:
+            self.sampling.cpu_reserved_cores = cores_for_entailment(e)
         return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def cores_for_entailment(e: EntailmentConfig) -> int:
+    """Whole cores a CPU engine leaves to the entailment actors beside it: their Ray CPUs, rounded
+    up, where the judge runs a model on CPU (embedding, nli); none for the model-free residual
+    judge or the LLM judge (which asks the engines themselves)."""
+    if e.judge not in ("embedding", "nli") or e.num_gpus > 0:
+        return 0
+    return math.ceil(e.num_cpus * (e.max_actors or e.num_actors))
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

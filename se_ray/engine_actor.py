@@ -109,6 +109,10 @@ class LLMEngineActor:
         self._busy_since: float | None = None
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.update(cfg.env)
+        if cfg.cpu_reserved_cores is not None:  # the CPU build reads it; a GPU engine does not
+            cores = len(os.sched_getaffinity(0))
+            reserved = max(0, min(cfg.cpu_reserved_cores, cores - 1))  # at least one core computes
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
         os.environ.setdefault("VLLM_PORT", str(engine_port_base()))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, cfg.kv_cache_space_gb))))
         from vllm import LLM

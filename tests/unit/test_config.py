@@ -114,3 +114,25 @@ def test_results_key_leaves_out_only_operational_fields():
         assert results_key(getattr(faster, section)) == results_key(getattr(cfg, section)), section
     hotter = load_config(None, ["sampling.temperature=0.7"])
     assert results_key(hotter.sampling) != results_key(cfg.sampling)
+
+
+@pytest.mark.parametrize(
+    "overrides, reserved",
+    [
+        ([], 0),  # the residual judge runs no model: the engine computes on every core
+        (["entailment.judge=llm"], 0),  # the LLM judge asks the engines themselves
+        (["entailment.judge=embedding"], 1),  # 0.5 CPU rounded up: one core for MiniLM
+        (["entailment.judge=nli", "entailment.num_actors=3"], 2),  # 1.5 CPUs
+        (["entailment.judge=nli", "entailment.num_actors=1", "entailment.max_actors=4"], 2),
+        (["entailment.judge=embedding", "entailment.num_gpus=0.25"], 0),  # the judge is on a GPU
+        (["entailment.judge=embedding", "sampling.cpu_reserved_cores=0"], 0),  # set: kept
+        (["sampling.cpu_reserved_cores=3"], 3),
+    ],
+)
+def test_cpu_engine_cores_are_reserved_for_a_judge_that_runs_a_model(overrides, reserved):
+    assert load_config(None, overrides).sampling.cpu_reserved_cores == reserved
+
+
+def test_the_derived_core_reservation_reaches_the_engine_config():
+    cfg = load_config(None, ["entailment.judge=embedding"])
+    assert cfg.sampling.engine.cpu_reserved_cores == 1
