@@ -21,7 +21,7 @@ from se_ray import risk, scoring
 from se_ray.evaluate import RESULTS_FILE, AnswerFlags, summarize
 from se_ray.report import METHOD_LABELS
 from se_ray.run.plan import aggregate_seeds
-from se_ray.run.results import unanswerable_scores
+from se_ray.run.results import BOUNDARY_SPLIT, unanswerable_scores
 from se_ray.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ def teacher_entry(run: Any, tau: float, splits: Sequence[str]) -> dict[str, Any]
         )
         ids = [r[col.ID] for r in d]
         flags = AnswerFlags(ids, abstained, correct, [answerable.get(i, True) for i in ids])
+        if split == BOUNDARY_SPLIT:
+            run.boundary_flags[scoring.TEACHER] = flags
         summary = summarize(flags, run.cfg.eval.bootstrap_samples)
         a, c = flags.answerable_only()
         entry["splits"][split] = aggregate_seeds([summary], [a], [c], run.cfg.eval.bootstrap_samples)

@@ -271,9 +271,6 @@ class _Run:
             self.splits.adaptation,
             train_entropies,
             self.notes,
-            bands=band_table(self.splits[BOUNDARY_SPLIT], self.boundary_flags),
-            retention=retention(self.boundary_flags),
-            agreement=agreement(self.boundary_flags),
             judge_audit=self.judge_audit,
             score_diagnostics=label_summary.get("score_diagnostics"),
         )
@@ -297,6 +294,9 @@ def run_job(cfg: JobConfig, input: str, output: str) -> dict[str, Any]:
         f"{split_title(outcome.adaptation_split)}."
     )
     dial = report_fields(run, outcome.methods)  # the certified dial, the teacher's row (eval.scores)
+    outcome.bands = band_table(run.splits[BOUNDARY_SPLIT], run.boundary_flags)  # with the teacher's
+    outcome.retention = retention(run.boundary_flags)
+    outcome.agreement = agreement(run.boundary_flags)
     data = report_data(cfg, outcome)
     data.update(dial)
     root.write_json(REPORT_DATA_FILE, data)

@@ -19,13 +19,13 @@ from se_ray.report import METHOD_LABELS, MethodData, ReportData, render_report
 from se_ray.report import split_title as report_split_title
 from se_ray.run.plan import SPLITS, UNTUNED, SweepPoint
 from se_ray.run.stages import StageLog
+from se_ray.scoring import TEACHER  # semantic entropy at inference: the tuned models' reference
 from se_ray.storage import Store, is_uri, write_bytes_atomic
 from se_ray.train.selection import SELECT_LAST
 
 REPORT_DATA_FILE = "report_data.json"
 RANDOM_AT_RATE = "random_at_rate"  # the random abstainer at the SE-tuned model's rate
 RATE_OF = "semantic_entropy"  # whose abstention rate the random abstainer takes
-TEACHER = "teacher"  # semantic entropy at inference: the reference the tuned models are compared with
 BAND = "band"  # optional question field: its popularity band, e.g. "q1 (most popular)"
 BOUNDARY_SPLIT = "test"  # the split the knowledge boundary and the judge audit show
 

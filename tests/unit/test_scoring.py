@@ -275,6 +275,7 @@ def _fake_run(tmp_path):
         spec=lambda digest, seed: SimpleNamespace(store=trials[digest]),
         plan=SimpleNamespace(methods={"semantic_entropy": [PlanPoint(0.5, "d0"), PlanPoint(1.0, "d1")]}),
         splits=_Splits({"test": [{col.ID: f"q{i}"} for i in range(200)]}),
+        boundary_flags={},
     )
 
 
@@ -301,6 +302,8 @@ def test_run_dial_certifies_scores_sweep_and_adds_the_teacher(tmp_path):
     assert teacher["method"] == scoring.TEACHER and teacher["chosen_tau"] == 0.3
     test = run.folders.untuned.child("test").read_parquet(RESULTS_FILE).column(col.SE_SCORE).to_pylist()
     assert teacher["splits"]["test"]["abstained_mean"] == sum(s > 0.3 for s in test)
+    on_test = run.boundary_flags[scoring.TEACHER]  # the per-band table and κ show the teacher too
+    assert on_test.abstained == [s > 0.3 for s in test] and on_test.ids == [f"q{i}" for i in range(200)]
 
 
 def test_run_dial_without_scores_adds_nothing(tmp_path):
