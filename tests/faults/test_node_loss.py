@@ -171,7 +171,9 @@ def _run_node_loss(cluster, helper, engine_settings, head, worker, nq_dev, tmp_p
         killed = time.monotonic()
         helper.stdin.write("free\n")
         helper.stdin.flush()
-        freed = helper.stdout.readline()
+        freed = "?"
+        while freed and not freed.startswith("FREED"):  # Ray prints the raylet's death to drivers
+            freed = helper.stdout.readline()
         assert freed.startswith("FREED"), (freed, (tmp_path / "helper.log").read_text()[-4000:])
         rc = wait_or_fail(
             proc, JOB_TIMEOUT_S,
