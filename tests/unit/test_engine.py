@@ -6,8 +6,10 @@ from se_ray.engine import Engines, engine_digest, engine_names, request_params
 
 def test_engine_identity_is_the_whole_engine_config():
     cfg = load_config(None).sampling
-    assert engine_digest(cfg) == engine_digest(cfg.engine) == engine_digest(
-        EngineConfig(cpu_reserved_cores=cfg.cpu_reserved_cores)
+    assert (
+        engine_digest(cfg)
+        == engine_digest(cfg.engine)
+        == engine_digest(EngineConfig(cpu_reserved_cores=cfg.cpu_reserved_cores))
     )
     # per-request and pool settings do not change the engine; every engine field does
     for key, value in [("temperature", 0.5), ("num_samples", 3), ("batch_size", 4), ("num_engines", 2)]:
