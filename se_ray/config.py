@@ -130,7 +130,7 @@ class SamplingConfig(EngineConfig):
     max_tokens: int = Field(32, ge=1)
     answer_style: Literal["short", "sentence"] = "short"
     stop: list[str] = Field(default_factory=lambda: ["\n"])
-    batch_size: int = Field(16, ge=1, description="Questions per engine call.", json_schema_extra=OPERATIONAL)
+    batch_size: int = Field(64, ge=1, description="Questions per engine call.", json_schema_extra=OPERATIONAL)
     num_engines: int = Field(
         1, ge=1, description="vLLM engine actors (one per GPU or TP group).", json_schema_extra=OPERATIONAL
     )
