@@ -73,6 +73,12 @@ class TrainConfig(Section):
 
 class SweepConfig(Section):
     taus: list[float] = Field(default_factory=lambda: list(PAPER_TAU_GRID))
+    tau_margin: float = Field(
+        0.0,
+        ge=0,
+        description="Drop from each entropy method's training set the questions whose score lies within "
+        "this margin of tau (|score - tau| <= margin), whose labels are the noisiest; 0 keeps all.",
+    )
     seeds: int = Field(1, ge=1, description="Retrain the chosen tau with this many seeds.")
     methods: list[Literal["semantic_entropy", "r_tuning", "exact_entropy"]] = Field(
         default_factory=lambda: ["semantic_entropy", "r_tuning", "exact_entropy"]

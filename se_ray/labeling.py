@@ -22,9 +22,14 @@ SCORE_COLUMNS = {
 }
 
 
-def abstain_by_score(scores: Sequence[float], tau: float) -> list[bool]:
-    """SE, regular SE, R-Tuning-U: abstain where the score is strictly above τ."""
-    return [label_with_threshold(float(s), tau) for s in scores]
+def abstain_by_score(scores: Sequence[float], tau: float, margin: float = 0.0) -> list[bool | None]:
+    """SE, regular SE, R-Tuning-U: abstain where the score is strictly above τ. With a margin,
+    a question whose score lies within it of τ (|score - τ| <= margin) is None: dropped from
+    the training set, its label being the likeliest to be wrong."""
+    return [
+        None if margin > 0 and abs(float(s) - tau) <= margin else label_with_threshold(float(s), tau)
+        for s in scores
+    ]
 
 
 def abstain_by_judgement(correct: Sequence[bool | None]) -> list[bool | None]:

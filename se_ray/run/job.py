@@ -133,6 +133,14 @@ class _Run:
             if unjudged:
                 self.notes.append(f"R-Tuning dropped {unjudged} training questions without references.")
         self.plan = plan_sweep(cfg.sweep, table, judged)
+        if cfg.sweep.tau_margin > 0:
+            for part in self.plan.partitions.values():
+                if part.rule.method != R_TUNING:
+                    dropped = table.num_rows - part.rows
+                    self.notes.append(
+                        f"{part.rule.method} at τ = {part.rule.tau:g}: sweep.tau_margin = "
+                        f"{cfg.sweep.tau_margin:g} dropped {dropped} of {table.num_rows} training questions."
+                    )
         self.folders.sweep.write_json("plan.json", self.plan.to_dict())
         return [float(v) for v in table.column(col.SEMANTIC_ENTROPY).to_pylist()]
 

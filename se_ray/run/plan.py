@@ -77,6 +77,7 @@ class Rule:
 
     method: str
     tau: float | None = None
+    margin: float = 0.0
 
     def abstain(self, table: pa.Table, judged: Mapping[str, bool | None] | None) -> list[bool | None]:
         """Per row of the labels table; None drops the row (R-Tuning without a verdict)."""
@@ -85,7 +86,7 @@ class Rule:
             return abstain_by_judgement([judged.get(i) for i in table.column(col.ID).to_pylist()])
         if self.tau is None:
             raise ValueError(f"{self.method} needs a τ")
-        return list(abstain_by_score(table.column(SCORE_COLUMNS[self.method]).to_pylist(), self.tau))
+        return abstain_by_score(table.column(SCORE_COLUMNS[self.method]).to_pylist(), self.tau, self.margin)
 
 
 @dataclass
@@ -95,15 +96,19 @@ class TauGroup:
     digest: str
     taus: list[float] = field(default_factory=list)
     abstained: int = 0
+    rows: int = 0
 
 
-def group_taus(ids: Sequence[str], scores: Sequence[float], taus: Sequence[float]) -> list[TauGroup]:
+def group_taus(
+    ids: Sequence[str], scores: Sequence[float], taus: Sequence[float], margin: float = 0.0
+) -> list[TauGroup]:
     """The grid's distinct partitions, in grid order."""
     groups: dict[str, TauGroup] = {}
     for tau in taus:
-        abstain = abstain_by_score(scores, tau)
+        abstain = abstain_by_score(scores, tau, margin)
         digest = partition_digest(ids, abstain)
-        groups.setdefault(digest, TauGroup(digest, [], sum(abstain))).taus.append(tau)
+        kept = [a for a in abstain if a is not None]
+        groups.setdefault(digest, TauGroup(digest, [], sum(kept), len(kept))).taus.append(tau)
     return list(groups.values())
 
 
@@ -152,10 +157,9 @@ def plan_sweep(sweep: SweepConfig, table: pa.Table, judged: Mapping[str, bool | 
             continue
         scores = table.column(SCORE_COLUMNS[method]).to_pylist()
         points = []
-        for group in group_taus(ids, scores, sweep.taus):
-            plan.partitions.setdefault(
-                group.digest, Partition(Rule(method, group.taus[0]), len(ids), group.abstained)
-            )
+        for group in group_taus(ids, scores, sweep.taus, sweep.tau_margin):
+            rule = Rule(method, group.taus[0], sweep.tau_margin)
+            plan.partitions.setdefault(group.digest, Partition(rule, group.rows, group.abstained))
             points += [PlanPoint(t, group.digest) for t in group.taus]
         plan.methods[method] = sorted(points, key=lambda p: sweep.taus.index(p.tau))
     return plan

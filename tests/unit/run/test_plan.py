@@ -162,7 +162,7 @@ def test_plan_json_keeps_its_layout():
     se = data["methods"]["semantic_entropy"][0]
     assert se == {"tau": 0.5, "digest": plan.methods["semantic_entropy"][0].digest}
     rt = data["partitions"][data["methods"]["r_tuning"][0]["digest"]]
-    assert rt == {"rule": {"method": "r_tuning", "tau": None}, "rows": 3, "abstained": 1}
+    assert rt == {"rule": {"method": "r_tuning", "tau": None, "margin": 0.0}, "rows": 3, "abstained": 1}
     assert isinstance(plan.partitions[se["digest"]], Partition)
 
 
@@ -243,3 +243,27 @@ def test_aggregate_seeds_mean_sd_and_interval():
 def test_config_key_is_stable_and_sensitive():
     assert config_key({"a": 1, "b": [1, 2]}) == config_key({"b": [1, 2], "a": 1})
     assert config_key({"a": 1}) != config_key({"a": 2})
+
+
+def test_tau_margin_drops_the_questions_nearest_tau():
+    scores = [0.0, 1.3, 1.45, 1.6, 1.75, 1.9, 2.3]
+    assert abstain_by_score(scores, 1.6, 0.2) == [False, False, None, None, None, True, True]
+    assert abstain_by_score(scores, 1.6, 0.0) == [False, False, False, False, True, True, True]
+
+
+def test_plan_sweep_with_a_margin_trains_on_fewer_rows_and_tells_them_apart():
+    table = _labels_table()
+    keys = ["sweep.taus=[0.6]", "sweep.methods=[semantic_entropy]"]
+    plain = plan_sweep(load_config(None, keys).sweep, table, None)
+    margin = plan_sweep(load_config(None, [*keys, "sweep.tau_margin=0.2"]).sweep, table, None)
+    scores = table.column(col.SEMANTIC_ENTROPY).to_pylist()
+    near = sum(abs(s - 0.6) <= 0.2 for s in scores)
+    assert near > 0
+    (p0,) = plain.partitions.values()
+    (p1,) = margin.partitions.values()
+    assert p0.rows == table.num_rows and p1.rows == table.num_rows - near
+    assert p1.rule == Rule("semantic_entropy", 0.6, 0.2)
+    assert plain.digests() != margin.digests()
+    assert p1.rule.abstain(table, None).count(None) == near
+    with pytest.raises(ConfigError, match="tau_margin"):
+        load_config(None, ["sweep.tau_margin=-0.1"])
