@@ -158,6 +158,11 @@ def plan_sweep(sweep: SweepConfig, table: pa.Table, judged: Mapping[str, bool | 
         scores = table.column(SCORE_COLUMNS[method]).to_pylist()
         points = []
         for group in group_taus(ids, scores, sweep.taus, sweep.tau_margin):
+            if group.rows == 0:
+                raise ConfigError(
+                    f"sweep.tau_margin={sweep.tau_margin:g} leaves no training question for {method} at "
+                    f"τ = {group.taus[0]:g}: every score lies within the margin"
+                )
             rule = Rule(method, group.taus[0], sweep.tau_margin)
             plan.partitions.setdefault(group.digest, Partition(rule, group.rows, group.abstained))
             points += [PlanPoint(t, group.digest) for t in group.taus]

@@ -267,3 +267,5 @@ def test_plan_sweep_with_a_margin_trains_on_fewer_rows_and_tells_them_apart():
     assert p1.rule.abstain(table, None).count(None) == near
     with pytest.raises(ConfigError, match="tau_margin"):
         load_config(None, ["sweep.tau_margin=-0.1"])
+    with pytest.raises(ConfigError, match="leaves no training question"):
+        plan_sweep(load_config(None, [*keys, "sweep.tau_margin=5"]).sweep, table, None)
