@@ -211,5 +211,8 @@ def test_trial_result_round_trips_through_its_stage_summary():
         wall_s=1.5,
     )
     data = json.loads(json.dumps(result.to_dict()))
-    assert data["rule"] == {"method": "semantic_entropy", "tau": 0.5} and data["trial"] == "pabc-seed0"
+    assert data["rule"] == {"method": "semantic_entropy", "tau": 0.5, "margin": 0.0}
+    assert data["trial"] == "pabc-seed0"
     assert TrialResult.from_dict(data) == result
+    # a summary written before sweep.tau_margin existed loads as margin 0
+    assert TrialResult.from_dict({**data, "rule": {"method": "semantic_entropy", "tau": 0.5}}) == result
