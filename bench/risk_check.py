@@ -18,7 +18,12 @@ binomial p-value provably bounds (sampling without replacement only tightens its
 verdict (``ok``) is on the test part, as the issue asks. The re-splits share their questions,
 so the standard error is that of the resampling, not of a fresh draw of questions.
 
+``--guarantee test_split`` (default: the run's ``eval.risk_guarantee``) certifies the risk on
+the test part itself (``se_ray.risk``, hypergeometric p-value at the test part's size), the
+quantity this check measures.
+
     .venv/bin/python bench/risk_check.py --run out/quickstart
+    .venv/bin/python bench/risk_check.py --run out/quickstart --guarantee test_split
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ def check_score(
     calibration_share: float,
     seed: int,
     p_value: risk.PValue = "binomial",
+    guarantee: risk.Guarantee = "population",
 ) -> dict[str, Any]:
     """The share of random calibration/test splits whose test risk exceeds α."""
     scores = np.asarray(data["scores"], dtype=float)
@@ -75,13 +81,14 @@ def check_score(
     n_cal = int(round(n * calibration_share))
     if n_cal < 1 or n - n_cal < 1:
         raise ValueError(f"{n} questions cannot be split {calibration_share:g} into calibration and test")
+    test_size = n - n_cal if guarantee == "test_split" else None
     rng = np.random.default_rng(seed)
     exceed = pool_exceed = certified = 0
     engagement = []
     for _ in range(splits):
         order = rng.permutation(n)
         cal, test = order[:n_cal], order[n_cal:]
-        cert = risk.certify_threshold(scores[cal], wrong[cal], alpha, delta, gives[cal], p_value)
+        cert = risk.certify_threshold(scores[cal], wrong[cal], alpha, delta, gives[cal], p_value, test_size)
         outcome = risk.rule_outcome(scores[test], wrong[test], cert.lam, gives[test])
         exceed += outcome["risk"] > alpha
         pool_exceed += risk.rule_outcome(scores, wrong, cert.lam, gives)["risk"] > alpha
@@ -96,6 +103,7 @@ def check_score(
         "splits": splits,
         "alpha": alpha,
         "delta": delta,
+        "guarantee": guarantee,
         "exceed_share": share,
         "exceed_se": se,
         "pool_exceed_share": pool_share,
@@ -119,17 +127,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, help="default: the run's eval.risk_alpha (0.15)")
     parser.add_argument("--delta", type=float, help="default: the run's eval.risk_delta (0.1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--guarantee",
+        choices=["population", "test_split"],
+        help="default: the run's eval.risk_guarantee (population)",
+    )
     args = parser.parse_args(argv)
     cfg = run_config(args.run)
     alpha = args.alpha if args.alpha is not None else float(cfg.get("risk_alpha", 0.15))
     delta = args.delta if args.delta is not None else float(cfg.get("risk_delta", 0.1))
     p_value = cfg.get("risk_p_value", "binomial")
+    guarantee = args.guarantee or cfg.get("risk_guarantee", "population")
     models = scored_models(args.run)
     checked = []
     for model, table in models.items():
         for score in (s for s in SCORE_COLUMNS if s in table.column_names):
             data = risk_inputs(table, score)
-            row = check_score(data, alpha, delta, args.splits, args.calibration_share, args.seed, p_value)
+            row = check_score(
+                data, alpha, delta, args.splits, args.calibration_share, args.seed, p_value, guarantee
+            )
             checked.append({"model": model, "score": score, **row})
             print(json.dumps(checked[-1]))
     if not checked:
@@ -139,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(checked, key=lambda c: c["exceed_share"])
     verdict = "OK" if not bad else f"FAIL ({', '.join(bad)})"
     print(
-        f"risk_check: {verdict}: {len(checked) - len(bad)} of {len(checked)} model/score pairs have "
+        f"risk_check: {verdict} (guarantee {guarantee}): {len(checked) - len(bad)} of {len(checked)} "
+        "model/score pairs have "
         f"test risk > α = {alpha:g} in at most δ = {delta:g} of {args.splits} splits (+2 SE); worst "
         f"{worst['exceed_share']:.3f} ± {worst['exceed_se']:.3f} ({worst['model']}:{worst['score']}; "
         f"on the whole pool {worst['pool_exceed_share']:.3f})"

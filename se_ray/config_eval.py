@@ -57,6 +57,14 @@ class EvalConfig(Section):
         description="Certified dial: the p-value (exact binomial tail, or LTT's Hoeffding-Bentkus).",
         json_schema_extra=OPERATIONAL,
     )
+    risk_guarantee: Literal["population", "test_split"] = Field(
+        "population",
+        description="Certified dial: what the bound is on. population: the risk on new questions "
+        "exchangeable with the calibration ones (risk_p_value). test_split: the risk on the evaluated "
+        "test questions themselves (se-ray run's test split, se-ray evaluate's input), calibration "
+        "and test being one pool split at random (a hypergeometric p-value; risk_p_value unused).",
+        json_schema_extra=OPERATIONAL,
+    )
     calibration_input: str | None = Field(
         None,
         description="se-ray evaluate: labelled questions to certify each score's threshold on "

@@ -24,6 +24,12 @@ GUARANTEE = (
     "Not guaranteed: anything on questions of another kind (OOD), the accuracy of the answered ones, "
     "or the measured risk of one finite test split."
 )
+GUARANTEE_TEST_SPLIT = (
+    "Guarantee (eval.risk_guarantee = test_split): with probability ≥ 1 − δ over the random split "
+    "of one pool into the calibration (validation) and test questions, the share of the *test* "
+    "questions answered wrongly by the certified rule is ≤ α (abstentions cost nothing). Not "
+    "guaranteed: anything on other questions (new ones, OOD), or the accuracy of the answered ones."
+)
 
 
 def risk_png(dial: dict[str, Any]) -> str:
@@ -84,14 +90,16 @@ def risk_section(risk: dict[str, Any] | None, labels: dict[str, str], folder: st
     if not risk or not (risk.get("scores") or risk.get("sweep")):
         return []
     alpha, delta = risk["alpha"], risk["delta"]
+    test_split = risk.get("guarantee") == "test_split"
+    p_value = "hypergeometric (test split)" if test_split else risk.get("p_value", "binomial")
     lines = [
         "## Certified dial: at most α of the questions answered wrongly, with confidence 1 − δ",
         "",
-        f"α = {alpha:g}, δ = {delta:g}, p-value: {risk.get('p_value', 'binomial')}; calibration: the "
+        f"α = {alpha:g}, δ = {delta:g}, p-value: {p_value}; calibration: the "
         "validation split; answer iff score ≤ λ, λ by Learn-then-Test (fixed sequence from the most "
         "abstaining λ). Risk: the share of all questions answered and wrong.",
         "",
-        GUARANTEE,
+        GUARANTEE_TEST_SPLIT if test_split else GUARANTEE,
         "",
     ]
     dials = risk.get("scores") or []

@@ -13,6 +13,20 @@ Binomial(n, R(λ)). For each candidate λ the null H_λ: R(λ) > α is tested wi
 - ``hoeffding_bentkus``: min(exp(−n h(k/n ∧ α, α)), e·P(Binom(n, α) ≤ ⌈k⌉)), h the Bernoulli KL
   divergence; valid for any loss in [0, 1] (LTT's choice), looser here.
 
+Guarantee ``test_split``: the risk on the evaluated test questions themselves (m of them),
+when calibration and test are one exchangeable pool of N = n + m split at random (se-ray run's
+validation and test splits). Given the pool, the calibration losses are hypergeometric; the
+test risk exceeds α iff the test holds ≥ f + 1 losses, f = ⌊αm⌋. The p-value for k calibration
+losses is max over j ≤ k of P(Hyp(N, j + f + 1, n) ≤ j). Validity for the chosen λ, not only a
+fixed one: the rule certifies λ while the calibration losses stay ≤ k_δ (the largest k whose
+p-value is ≤ δ); ordering the pool's wrong answers by score, it exceeds α on the test iff the
+(f+1)-th test loss precedes the (k_δ+1)-th calibration loss, i.e. iff the first k_δ + f + 1
+losses hold ≤ k_δ calibration ones, probability P(Hyp(N, k_δ + f + 1, n) ≤ k_δ) ≤ δ (with
+fewer losses in the pool, the same bound at a smaller k). At m = 1 it is conformal's
+(k + 1)/(n + 1); as m grows it tends to the binomial tail. It is what a measured test risk can
+check (``bench/risk_check.py``); the population guarantee says nothing about one finite test
+split, whose risk scatters around the population's.
+
 Fixed-sequence testing from the most abstaining λ (the candidates are the distinct calibration
 scores, strictest first) stops at the first p > δ; every λ tested before it is certified, and
 the family-wise error is at most δ without any correction, because the order is fixed before
@@ -29,6 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -36,6 +51,7 @@ import numpy as np
 from se_ray import metrics
 
 PValue = Literal["binomial", "hoeffding_bentkus"]
+Guarantee = Literal["population", "test_split"]
 ModelCorrection = Literal["bonferroni", "fixed_sequence"]
 
 NOTHING_CERTIFIED = "no λ certifiable: abstain on everything"
@@ -86,7 +102,49 @@ def hoeffding_bentkus_pvalue(k: int, n: int, alpha: float) -> float:
     return float(min(1.0, hoeffding, bentkus))
 
 
-def p_value(k: int, n: int, alpha: float, method: PValue = "binomial") -> float:
+def hypergeometric_cdf(k: int, population: int, successes: int, draws: int) -> float:
+    """P(X ≤ k) for X the successes among ``draws`` taken without replacement from
+    ``population`` items of which ``successes`` are successes."""
+    lo, hi = max(0, draws - (population - successes)), min(draws, successes)
+    if k < lo:
+        return 0.0
+    if k >= hi:
+        return 1.0
+
+    def log_comb(a: int, b: int) -> float:
+        return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+    i = np.arange(lo, k + 1)
+    log_pmf = np.array(
+        [log_comb(successes, x) + log_comb(population - successes, draws - x) for x in i]
+    ) - log_comb(population, draws)
+    top = float(np.max(log_pmf))
+    return float(min(1.0, math.exp(top) * float(np.sum(np.exp(log_pmf - top)))))
+
+
+def test_split_losses_allowed(m: int, alpha: float) -> int:
+    """f = ⌊αm⌋: the most wrong answers m test questions may hold with risk ≤ α (a hair of
+    tolerance so that 0.29 · 100 counts 29, as the rational product does)."""
+    return math.floor(alpha * m + 1e-9)
+
+
+@lru_cache(maxsize=65536)
+def test_split_pvalue(k: int, n: int, m: int, alpha: float) -> float:
+    """A valid p-value for "the m test questions' risk exceeds α" given k losses in n calibration
+    questions, calibration and test drawn at random from one pool (module docstring); running max
+    over j ≤ k, so that it never falls as the losses grow. 1.0 when n = 0."""
+    if n <= 0:
+        return 1.0
+    if m <= 0:
+        raise ValueError(f"a test-split guarantee needs test questions, got {m}")
+    f = test_split_losses_allowed(m, alpha)
+    return max(hypergeometric_cdf(j, n + m, j + f + 1, n) for j in range(k + 1))
+
+
+def p_value(k: int, n: int, alpha: float, method: PValue = "binomial", test_size: int | None = None) -> float:
+    """The p-value for H: risk > α; with ``test_size`` the test-split one (``method`` unused)."""
+    if test_size is not None:
+        return test_split_pvalue(k, n, test_size, alpha)
     if method == "binomial":
         return binomial_tail_pvalue(k, n, alpha)
     if method == "hoeffding_bentkus":
@@ -175,22 +233,36 @@ class Certification:
     risk: float
     p_value: float | None
     tested: list[dict[str, float]] = field(default_factory=list)
+    test_size: int | None = None
 
     @property
     def certified(self) -> bool:
         return self.lam is not None
 
     @property
+    def guarantee(self) -> Guarantee:
+        return "population" if self.test_size is None else "test_split"
+
+    @property
     def message(self) -> str:
         if self.lam is None:
             return f"{NOTHING_CERTIFIED} (α = {self.alpha:g}, δ = {self.delta:g}, n = {self.n})"
         return (
-            f"answer iff score ≤ {self.lam:.4g}: risk ≤ {self.alpha:g} with probability ≥ "
-            f"{1 - self.delta:g}; calibration engagement {self.engagement:.3f} (n = {self.n})"
+            f"answer iff score ≤ {self.lam:.4g}: {_risk_phrase(self.test_size)} ≤ {self.alpha:g} with "
+            f"probability ≥ {1 - self.delta:g}; calibration engagement {self.engagement:.3f} (n = {self.n})"
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "certified": self.certified, "message": self.message}
+        return {
+            **asdict(self),
+            "certified": self.certified,
+            "guarantee": self.guarantee,
+            "message": self.message,
+        }
+
+
+def _risk_phrase(test_size: int | None) -> str:
+    return "risk" if test_size is None else f"risk on the {test_size} test questions"
 
 
 def certify_threshold(
@@ -200,8 +272,12 @@ def certify_threshold(
     delta: float,
     gives_answer: Sequence[bool] | None = None,
     method: PValue = "binomial",
+    test_size: int | None = None,
 ) -> Certification:
-    """The largest λ certified by fixed-sequence testing from the strictest candidate."""
+    """The largest λ certified by fixed-sequence testing from the strictest candidate.
+
+    ``test_size``: certify the risk on that many test questions drawn with the calibration ones
+    from one pool (the ``test_split`` guarantee) instead of the risk on new questions."""
     if not (0 < alpha < 1 and 0 < delta < 1):
         raise ValueError(f"alpha and delta must lie in (0, 1), got {alpha}, {delta}")
     curve = risk_curve(scores, wrong, None, gives_answer)
@@ -209,13 +285,13 @@ def certify_threshold(
     tested: list[dict[str, float]] = []
     best: int | None = None
     for i, (lam, k) in enumerate(zip(curve.lambdas, curve.losses, strict=True)):
-        p = p_value(k, n, alpha, method)
+        p = p_value(k, n, alpha, method, test_size)
         tested.append({"lambda": lam, "losses": k, "p_value": p})
         if p > delta:
             break
         best = i
     if best is None:
-        return Certification(alpha, delta, n, method, None, 0.0, 0.0, None, tested)
+        return Certification(alpha, delta, n, method, None, 0.0, 0.0, None, tested, test_size)
     return Certification(
         alpha,
         delta,
@@ -226,6 +302,7 @@ def certify_threshold(
         curve.risk[best],
         tested[best]["p_value"],
         tested,
+        test_size,
     )
 
 
@@ -248,15 +325,28 @@ class ModelCertification:
     engagement: float
     risk: float
     models: list[dict[str, Any]]
+    test_size: int | None = None
+
+    @property
+    def guarantee(self) -> Guarantee:
+        return "population" if self.test_size is None else "test_split"
 
     @property
     def message(self) -> str:
         if self.chosen is None:
             return f"no model certifiable: abstain on everything (α = {self.alpha:g}, δ = {self.delta:g})"
-        return f"{self.chosen}: risk ≤ {self.alpha:g} with probability ≥ {1 - self.delta:g}"
+        return (
+            f"{self.chosen}: {_risk_phrase(self.test_size)} ≤ {self.alpha:g} with probability ≥ "
+            f"{1 - self.delta:g}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "certified": self.chosen is not None, "message": self.message}
+        return {
+            **asdict(self),
+            "certified": self.chosen is not None,
+            "guarantee": self.guarantee,
+            "message": self.message,
+        }
 
 
 def certify_models(
@@ -265,6 +355,7 @@ def certify_models(
     delta: float,
     correction: ModelCorrection = "bonferroni",
     method: PValue = "binomial",
+    test_size: int | None = None,
 ) -> ModelCertification:
     """Among fixed models (the τ sweep), the certified one with the highest calibration engagement.
 
@@ -275,7 +366,8 @@ def certify_models(
     safe, more engaged one; K is the grid size (≤ 9 in the paper's grid), so δ/K costs little.
     ``fixed_sequence`` tests the models in the order given (the caller's a-priori order, e.g.
     ascending τ: most abstaining first) at δ each and stops at the first failure; an order taken
-    from the calibration losses would void the guarantee.
+    from the calibration losses would void the guarantee. ``test_size``: as in
+    ``certify_threshold``.
     """
     if not (0 < alpha < 1 and 0 < delta < 1):
         raise ValueError(f"alpha and delta must lie in (0, 1), got {alpha}, {delta}")
@@ -291,7 +383,7 @@ def certify_models(
         n = int(a.size)
         n_seen.add(n)
         k = int(np.sum(a & w))
-        p = p_value(k, n, alpha, method)
+        p = p_value(k, n, alpha, method, test_size)
         ok = p <= level and not stopped
         if correction == "fixed_sequence" and not ok:
             stopped = True
@@ -319,6 +411,7 @@ def certify_models(
         best["engagement"] if best else 0.0,
         best["risk"] if best else 0.0,
         rows,
+        test_size,
     )
 
 

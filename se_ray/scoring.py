@@ -147,13 +147,28 @@ def risk_inputs(table: Any, score: str) -> dict[str, list]:
 _RISK_COLUMNS = (col.ABSTAINED, col.CORRECT, col.ANSWER_CORRECT, *SCORE_COLUMNS)
 
 
+def risk_test_size(cfg: EvalConfig, test: Any | None) -> int | None:
+    """The test question count the ``test_split`` guarantee is about; None for ``population``."""
+    if cfg.risk_guarantee == "population":
+        return None
+    if test is None or test.num_rows == 0:
+        raise ValueError("eval.risk_guarantee=test_split needs evaluated test questions; there are none")
+    return int(test.num_rows)
+
+
 def certify_score(calibration: Any, test: Any | None, score: str, cfg: EvalConfig) -> dict[str, Any]:
     """One score's certified λ on the calibration results; on the test results its measured risk,
     engagement and AED next to the uncertified λ (the lowest calibration AED) and the oracle λ
     (the lowest test AED: what the guarantee costs)."""
     cal = risk_inputs(calibration, score)
     cert = risk.certify_threshold(
-        cal["scores"], cal["wrong"], cfg.risk_alpha, cfg.risk_delta, cal["gives_answer"], cfg.risk_p_value
+        cal["scores"],
+        cal["wrong"],
+        cfg.risk_alpha,
+        cfg.risk_delta,
+        cal["gives_answer"],
+        cfg.risk_p_value,
+        risk_test_size(cfg, test),
     )
     out: dict[str, Any] = {"score": score, **cert.to_dict()}
     cal_curve, cal_outcomes = _curve(cal)
@@ -199,7 +214,7 @@ def certify_results(calibration: Any, test: Any | None, cfg: EvalConfig) -> dict
 
 def risk_summary(certified: Mapping[str, Any]) -> dict[str, Any]:
     """The few numbers of one score's certification a verb's JSON summary carries."""
-    keys = ("alpha", "delta", "n", "lam", "certified", "engagement", "risk", "message")
+    keys = ("alpha", "delta", "n", "guarantee", "lam", "certified", "engagement", "risk", "message")
     out = {k: certified[k] for k in keys}
     if "test" in certified:
         out["test"] = certified["test"]

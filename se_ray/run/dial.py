@@ -65,13 +65,14 @@ def sweep_dial(run: Any) -> dict[str, Any] | None:
     """Among the SE sweep's models (first seed, one per distinct training set), the τ certified on
     validation with the highest engagement, and every model's test risk."""
     points = run.plan.methods.get(SE_METHOD) or []
-    calibrations, tests, taus = [], {}, {}
+    calibrations, tests, taus, test_tables = [], {}, {}, []
     for p in points:
         store = run.spec(p.digest, run.seeds[0]).store
         name = f"τ = {p.tau:g}"
         cal, test = _results(store.child(CALIBRATION)), _results(store.child(TEST))
         if cal is None:
             continue
+        test_tables.append(test)
         d = scoring.risk_inputs(cal, col.ABSTAINED)
         calibrations.append(risk.ModelCalibration(name, d["gives_answer"], d["wrong"]))
         taus[name] = p.tau
@@ -84,7 +85,16 @@ def sweep_dial(run: Any) -> dict[str, Any] | None:
     if not calibrations:
         return None
     e = run.cfg.eval
-    out = risk.certify_models(calibrations, e.risk_alpha, e.risk_delta, method=e.risk_p_value).to_dict()
+    test_table = next((t for t in test_tables if t is not None), None)
+    if test_table is None and e.risk_guarantee == "test_split":
+        return None
+    out = risk.certify_models(
+        calibrations,
+        e.risk_alpha,
+        e.risk_delta,
+        method=e.risk_p_value,
+        test_size=scoring.risk_test_size(e, test_table),
+    ).to_dict()
     for m in out["models"]:
         m["tau"], m["test"] = taus[m["name"]], tests.get(m["name"])
     out["chosen_tau"] = taus.get(out["chosen"]) if out["chosen"] else None
@@ -127,7 +137,12 @@ def report_fields(run: Any, methods: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     e = run.cfg.eval
     fields: dict[str, Any] = {
-        "risk": {"alpha": e.risk_alpha, "delta": e.risk_delta, "p_value": e.risk_p_value}
+        "risk": {
+            "alpha": e.risk_alpha,
+            "delta": e.risk_delta,
+            "p_value": e.risk_p_value,
+            "guarantee": e.risk_guarantee,
+        }
     }
     fields["risk"]["scores"] = score_dials(run)
     fields["risk"]["sweep"] = sweep_dial(run)

@@ -82,12 +82,29 @@ def test_guarantee_holds_on_resplits(tmp_path, capsys):
     assert code == (0 if ok == 4 else 1)
 
 
+def test_the_test_split_guarantee_holds_on_the_test_parts(tmp_path, capsys):
+    run = _run_folder(tmp_path)
+    (run / "config.yaml").write_text(
+        "eval:\n  risk_alpha: 0.15\n  risk_delta: 0.1\n  risk_guarantee: test_split\n"
+    )
+    code = _risk_check().main(["--run", str(run), "--splits", "300"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [json.loads(line) for line in lines[:-1]]
+    assert {r["guarantee"] for r in rows} == {"test_split"}
+    assert all(r["exceed_share"] <= r["delta"] + 2 * r["exceed_se"] for r in rows)
+    assert lines[-1].startswith("risk_check: OK (guarantee test_split)") and code == 0
+    # The flag overrides the run's setting.
+    _risk_check().main(["--run", str(run), "--splits", "20", "--guarantee", "population"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[:-1]]
+    assert {r["guarantee"] for r in rows} == {"population"}
+
+
 def test_a_certifier_without_guarantee_is_caught(tmp_path, capsys, monkeypatch):
     # Swap the certifier for one that always answers everything: the uninformative model's
     # test risk (about 0.4 x 0.9) then exceeds α in nearly every split, and the check says FAIL.
     rc = _risk_check()
 
-    def answer_everything(scores, wrong, alpha, delta, gives_answer=None, method="binomial"):
+    def answer_everything(scores, wrong, alpha, delta, gives_answer=None, method="binomial", test_size=None):
         return rc.risk.Certification(alpha, delta, len(scores), method, float("inf"), 1.0, 0.0, 0.0)
 
     monkeypatch.setattr(rc.risk, "certify_threshold", answer_everything)

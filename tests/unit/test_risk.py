@@ -222,6 +222,80 @@ def test_guarantee_on_held_out_test_questions():
     assert exceed / trials <= delta + 3 * math.sqrt(delta * (1 - delta) / trials)
 
 
+def test_hypergeometric_cdf_by_hand():
+    # 5 items, 2 successes, 2 drawn: P(X = 0) = C(3, 2) / C(5, 2) = 3/10; P(X ≤ 1) = 9/10.
+    assert risk.hypergeometric_cdf(0, 5, 2, 2) == pytest.approx(0.3)
+    assert risk.hypergeometric_cdf(1, 5, 2, 2) == pytest.approx(0.9)
+    assert risk.hypergeometric_cdf(2, 5, 2, 2) == 1.0
+    assert risk.hypergeometric_cdf(-1, 5, 2, 2) == 0.0
+    # 4 successes of 5, 3 drawn: at least 2 successes always.
+    assert risk.hypergeometric_cdf(1, 5, 4, 3) == 0.0
+    assert risk.hypergeometric_cdf(2, 5, 4, 3) == pytest.approx(0.6)  # C(4, 2) C(1, 1) / C(5, 3)
+
+
+def test_test_split_pvalue_by_hand():
+    # n = m = 2, α = 0.4: f = ⌊0.8⌋ = 0, the test exceeds α with one loss.
+    # k = 0: the pool's one loss lies in the test with probability 1/2.
+    assert risk.test_split_pvalue(0, 2, 2, 0.4) == pytest.approx(0.5)
+    # k = 1: two losses in the pool, both in calibration with probability 1/6.
+    assert risk.test_split_pvalue(1, 2, 2, 0.4) == pytest.approx(5 / 6)
+    assert risk.test_split_pvalue(3, 0, 2, 0.4) == 1.0
+    with pytest.raises(ValueError, match="test questions"):
+        risk.test_split_pvalue(0, 10, 0, 0.4)
+
+
+@pytest.mark.parametrize("n", [1, 9, 60])
+def test_test_split_pvalue_for_one_test_question_is_conformal(n):
+    # m = 1: the test question is a loss with probability (k + 1) / (n + 1).
+    for k in range(n + 1):
+        assert risk.test_split_pvalue(k, n, 1, 0.15) == pytest.approx((k + 1) / (n + 1))
+
+
+def test_test_split_pvalue_tends_to_the_binomial_tail():
+    for k in (0, 3, 8):
+        assert risk.test_split_pvalue(k, 50, 200000, 0.15) == pytest.approx(
+            risk.binomial_tail_pvalue(k, 50, 0.15), abs=2e-3
+        )
+
+
+@pytest.mark.parametrize(("n", "m"), [(20, 5), (150, 150), (40, 400)])
+def test_test_split_pvalue_never_falls_as_losses_grow(n, m):
+    ps = [risk.test_split_pvalue(k, n, m, 0.15) for k in range(n + 1)]
+    assert all(a <= b for a, b in zip(ps, ps[1:], strict=False))
+    assert ps[-1] == pytest.approx(1.0)
+
+
+def test_test_split_guarantee_on_random_splits_of_one_pool():
+    # What bench/risk_check.py measures: one pool, re-split at random; the test half's own risk.
+    alpha, delta, splits = 0.15, 0.1, 800
+    rng = np.random.default_rng(2)
+    s, w = _draw(rng, 300)
+    exceed = {"population": 0, "test_split": 0}
+    for _ in range(splits):
+        order = rng.permutation(300)
+        cal, test = order[:150], order[150:]
+        for guarantee, size in (("population", None), ("test_split", 150)):
+            cert = risk.certify_threshold(s[cal], w[cal], alpha, delta, test_size=size)
+            assert cert.guarantee == guarantee
+            exceed[guarantee] += risk.rule_outcome(s[test], w[test], cert.lam)["risk"] > alpha
+    assert exceed["test_split"] / splits <= delta + 3 * math.sqrt(delta * (1 - delta) / splits)
+    # The population bound is about new questions: on one finite test half it is exceeded more often.
+    assert exceed["population"] > exceed["test_split"] > 0
+
+
+def test_test_split_certification_says_what_it_bounds():
+    s, w = _draw(np.random.default_rng(3), 200)
+    cert = risk.certify_threshold(s, w, 0.15, 0.1, test_size=50)
+    assert cert.certified and cert.to_dict()["guarantee"] == "test_split"
+    assert "risk on the 50 test questions ≤ 0.15" in cert.message
+    population = risk.certify_threshold(s, w, 0.15, 0.1)
+    assert population.to_dict()["guarantee"] == "population"
+    models = [_model("a", [True] * 100 + [False] * 100, [False] * 190 + [True] * 10)]
+    out = risk.certify_models(models, 0.15, 0.1, test_size=80)
+    assert out.chosen == "a" and out.to_dict()["guarantee"] == "test_split"
+    assert "test questions" in out.message
+
+
 def test_rule_outcome_with_aed():
     out = risk.rule_outcome(
         [0.0, 0.5, 1.0, 2.0], [False, True, False, True], 1.0, correct=[True, False, True, False]

@@ -198,6 +198,19 @@ def test_certify_results_matches_the_pure_math_and_finds_the_oracle():
     assert summary["test"]["engagement"] == out["test"]["engagement"]
 
 
+def test_certify_results_test_split_guarantee_uses_the_test_size():
+    scores = [i / 100 for i in range(100)]
+    own = [i < 80 for i in range(100)]
+    cal, test = _results(scores, own), _results(scores[:40], own[:40])
+    cfg = _cfg("se_score").eval.model_copy(update={"risk_guarantee": "test_split"})
+    out = scoring.certify_results(cal, test, cfg)[col.SE_SCORE]
+    direct = risk.certify_threshold(scores, [not c for c in own], 0.15, 0.1, test_size=40)
+    assert out["lam"] == direct.lam and out["test_size"] == 40 and out["guarantee"] == "test_split"
+    assert scoring.risk_summary(out)["guarantee"] == "test_split"
+    with pytest.raises(ValueError, match="risk_guarantee=test_split needs evaluated test questions"):
+        scoring.certify_results(cal, None, cfg)
+
+
 def test_certify_results_says_plainly_when_nothing_is_certified():
     cal = _results([0.5] * 5, [False] * 5)
     out = scoring.certify_results(cal, None, _cfg("se_score").eval)[col.SE_SCORE]
@@ -304,6 +317,22 @@ def test_run_dial_certifies_scores_sweep_and_adds_the_teacher(tmp_path):
     assert teacher["splits"]["test"]["abstained_mean"] == sum(s > 0.3 for s in test)
     on_test = run.boundary_flags[scoring.TEACHER]  # the per-band table and κ show the teacher too
     assert on_test.abstained == [s > 0.3 for s in test] and on_test.ids == [f"q{i}" for i in range(200)]
+
+
+def test_run_dial_test_split_guarantee_reaches_scores_sweep_and_report(tmp_path):
+    from se_ray.report_risk import GUARANTEE_TEST_SPLIT, risk_section
+    from se_ray.run import dial
+
+    run = _fake_run(tmp_path)
+    run.cfg = run.cfg.model_copy(
+        update={"eval": run.cfg.eval.model_copy(update={"risk_guarantee": "test_split"})}
+    )
+    fields = dial.report_fields(run, [])
+    assert fields["risk"]["guarantee"] == "test_split"
+    assert {d["test_size"] for d in fields["risk"]["scores"]} == {200}
+    assert fields["risk"]["sweep"]["test_size"] == 200
+    text = "\n".join(risk_section(fields["risk"], {}, str(tmp_path)))
+    assert GUARANTEE_TEST_SPLIT in text and "hypergeometric" in text
 
 
 def test_run_dial_without_scores_adds_nothing(tmp_path):
