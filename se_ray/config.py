@@ -236,6 +236,11 @@ class SplitConfig(_Section):
         "own split `ood_<name>` (names: lowercase letters, digits, underscores).",
     )
     ood_limit: int | None = Field(None, ge=1, description="At most this many questions of each OOD set.")
+    train_inputs: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]+$")], str] = Field(
+        default_factory=dict,
+        description="More training questions, {name: file}: every question of each file joins the "
+        "training split (labelled like the rest), never validation, test or OOD; e.g. a second domain.",
+    )
 
     @property
     def ood_splits(self) -> dict[str, str]:

@@ -176,6 +176,7 @@ def _split_questions(
         store.write_jsonl("rejects.jsonl", loaded.rejects)
         require_questions(loaded, store.uri("rejects.jsonl"))
     parts = split_rows(loaded.rows, cfg.split)
+    origin = {r[col.ID]: input for rows in parts.values() for r in rows}
     rejects = list(loaded.rejects)
     for name, path in cfg.split.ood_splits.items():
         ood = load_questions(path, DataConfig(limit=cfg.split.ood_limit), cfg.storage)
@@ -183,12 +184,27 @@ def _split_questions(
         rejects += ood.rejects + no_refs
         if not parts[name]:
             raise ConfigError(f"OOD set {name} ({path}): no questions with references")
+        origin |= dict.fromkeys((r[col.ID] for r in parts[name]), path)
+    for name, path in cfg.split.train_inputs.items():
+        extra = load_questions(path, DataConfig(), cfg.storage)
+        if not extra.rows:
+            raise ConfigError(f"split.train_inputs.{name} ({path}): no valid questions")
+        for row in extra.rows:
+            qid = row[col.ID]
+            if qid in origin:
+                raise ConfigError(f"split.train_inputs.{name}: id {qid!r} of {path} is also in {origin[qid]}")
+            origin[qid] = path
+        parts["train"] += extra.rows
+        rejects += extra.rejects
     return parts, rejects
 
 
 def split_stage(cfg: JobConfig, input: str, folders: RunFolders, log: StageLog) -> Splits:
     store = folders.split
-    key = config_key("split", input, results_key(cfg.data), results_key(cfg.split))
+    split_fields = results_key(cfg.split)
+    if not split_fields["train_inputs"]:  # runs from before the key keep their split (and labels)
+        del split_fields["train_inputs"]
+    key = config_key("split", input, results_key(cfg.data), split_fields)
     stage = Stage(store, key)
     if stage.cached() is None:
         stage.begin()

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from se_ray import columns as col
-from se_ray.config import load_config
+from se_ray.config import ConfigError, load_config
 from se_ray.evaluate import AnswerFlags
 from se_ray.labeling import partition_digest
 from se_ray.run.plan import Rule, trial_spec
@@ -113,6 +113,65 @@ def test_split_stage_writes_the_splits_and_reuses_them(tmp_path):
     changed = split_stage(other, str(questions), folders, log)
     assert log.split == "ran" and changed.key != splits.key and changed["ood"] == []
     assert changed.evaluated == ["test"] and changed.adaptation == "test"
+
+
+SMALL = ["split.train=6", "split.validation=3", "split.test=4"]
+
+
+def test_split_stage_train_inputs_join_only_the_training_split(tmp_path):
+    questions, extra = tmp_path / "questions.jsonl", tmp_path / "extra.jsonl"
+    _write_questions(questions, 20)
+    extra.write_text(
+        "".join(json.dumps({"id": f"x{i}", "question": f"x {i}?", "answer": ["y"]}) + "\n" for i in range(3))
+        + json.dumps({"id": "x9"})
+        + "\n"  # no question: rejected, with its file
+    )
+    base = ["split.train=6", "split.validation=3", "split.test=4"]
+    folders = RunFolders(Store(str(tmp_path / "run")))
+    plain = split_stage(load_config(None, base), str(questions), folders, StageLog())
+    cfg = load_config(None, [*base, f"split.train_inputs.arithmetic={extra}"])
+    mixed = split_stage(cfg, str(questions), folders, StageLog())
+    assert [r["id"] for r in mixed["train"]] == [r["id"] for r in plain["train"]] + ["x0", "x1", "x2"]
+    assert mixed["validation"] == plain["validation"] and mixed["test"] == plain["test"]
+    assert mixed.key != plain.key
+    rejects = folders.split.read_jsonl("rejects.jsonl")
+    assert [r.get("id") for r in rejects] == ["x9"] and "question" in rejects[0]["reason"]
+
+
+def test_split_stage_key_without_train_inputs_is_the_key_from_before_them(tmp_path, monkeypatch):
+    # The key se-ray computed before split.train_inputs existed: earlier runs keep their split
+    # and so their labels.
+    monkeypatch.chdir(tmp_path)
+    _write_questions(tmp_path / "questions.jsonl", 20)
+    cfg = load_config(None, ["split.train=6", "split.validation=3", "split.test=4"])
+    splits = split_stage(cfg, "questions.jsonl", RunFolders(Store(str(tmp_path / "run"))), StageLog())
+    assert splits.key == "484010cacb87a022"
+
+
+def test_split_stage_train_inputs_reject_an_id_already_in_a_split(tmp_path):
+    questions, extra = tmp_path / "questions.jsonl", tmp_path / "extra.jsonl"
+    _write_questions(questions, 20)
+    plain = split_stage(
+        load_config(None, ["split.train=6", "split.validation=3", "split.test=4"]),
+        str(questions),
+        RunFolders(Store(str(tmp_path / "plain"))),
+        StageLog(),
+    )
+    taken = plain["test"][0]["id"]
+    extra.write_text(json.dumps({"id": taken, "question": "again?", "answer": ["y"]}) + "\n")
+    cfg = load_config(None, [*SMALL, f"split.train_inputs.more={extra}"])
+    taken_twice = rf"split.train_inputs.more: id '{taken}' of .*extra.jsonl is also in .*questions.jsonl"
+    with pytest.raises(ConfigError, match=taken_twice):
+        split_stage(cfg, str(questions), RunFolders(Store(str(tmp_path / "run"))), StageLog())
+
+
+def test_split_stage_train_inputs_need_a_valid_question(tmp_path):
+    questions, extra = tmp_path / "questions.jsonl", tmp_path / "extra.jsonl"
+    _write_questions(questions, 20)
+    extra.write_text(json.dumps({"id": "x"}) + "\n")
+    cfg = load_config(None, [*SMALL, f"split.train_inputs.more={extra}"])
+    with pytest.raises(ConfigError, match=r"split.train_inputs.more \(.*extra.jsonl\): no valid questions"):
+        split_stage(cfg, str(questions), RunFolders(Store(str(tmp_path / "run"))), StageLog())
 
 
 def _flags():
