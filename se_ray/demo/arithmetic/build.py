@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-DEMO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT_FILE = os.path.join(DEMO_DIR, "arithmetic_questions.jsonl")
-BAND_LABELS = ("q1 (most popular)", "q2", "q3", "q4", "q5 (least popular)")
+from se_ray.demo.ood.build import BAND_LABELS, OUT_DIR, write_jsonl
+
+OUT_FILE = os.path.join(OUT_DIR, "arithmetic_questions.jsonl")
 PER_LEVEL = 12
 # fmt: off
 NUMBER_WORDS = (
@@ -56,8 +55,8 @@ def _draw(relation: str, level: int, counter: int, span: Range, which: int) -> i
 
 
 def _question(relation: str, a: int, b: int) -> tuple[str, int] | None:
-    """(the question's operator word, the answer) for operands drawn by level, or None where the
-    answer would equal an operand. Subtraction asks (a + b) minus b, so it inverts an addition."""
+    """(the question, its answer) for two drawn operands, or None where the answer would equal
+    an operand. Subtraction asks (a + b) minus b, so it inverts an addition."""
     if relation == "addition":
         word, left, right, answer = "plus", a, b, a + b
     elif relation == "subtraction":
@@ -111,15 +110,14 @@ def arithmetic_rows(per_level: int = PER_LEVEL) -> list[dict[str, Any]]:
         "subtraction": ADDITION,
         "multiplication": MULTIPLICATION,
     }
-    rows = [r for relation, levels in makers.items() for r in relation_rows(relation, levels, per_level)]
-    return sorted(rows, key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())
+    return [r for relation, levels in makers.items() for r in relation_rows(relation, levels, per_level)]
 
 
-def build(path: str = OUT_FILE, make: Callable[[], list[dict[str, Any]]] = arithmetic_rows) -> int:
-    rows = make()
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+def build(path: str = OUT_FILE) -> int:
+    """Write the questions to ``path`` in a stable order by hashed id (any prefix mixes the
+    relations and levels); returns how many."""
+    rows = arithmetic_rows()
+    write_jsonl(rows, path)
     return len(rows)
 
 
